@@ -1,0 +1,40 @@
+import functools as ft
+
+import equinox as eqx
+from jaxtyping import Array, ArrayLike, Float, PRNGKeyArray
+
+from .._aggregator import AbstractWeightedAggregator
+from .._misc import as_vector, check_length, check_matrix
+from .._weighting import AbstractWeighting
+
+
+class ConstantWeighting(AbstractWeighting):
+    r"""Fixed weights $w$, given at construction. Reads only the number of rows, which
+    must equal `len(weights)`."""
+
+    weights: Float[Array, " m"] = eqx.field(converter=ft.partial(as_vector, name="weights"))
+
+    def __call__(
+        self, stat: Float[Array, "m k"], /, *, key: PRNGKeyArray | None = None
+    ) -> Float[Array, " m"]:
+        check_matrix(stat, "stat")
+        check_length(self.weights, stat.shape[0], "weights")
+        return self.weights.astype(stat.dtype)
+
+
+ConstantWeighting.__init__.__doc__ = """**Arguments:**
+
+- `weights`: the weights, a 1-D array of shape `(m,)`.
+"""
+
+
+class Constant(AbstractWeightedAggregator):
+    r"""A fixed linear combination of the rows: $A(J) = J^\top w$."""
+
+    weighting: ConstantWeighting
+
+    def __init__(self, weights: Float[ArrayLike, " m"]):
+        self.weighting = ConstantWeighting(weights)
+
+
+Constant.__init__.__doc__ = ConstantWeighting.__init__.__doc__

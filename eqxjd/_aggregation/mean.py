@@ -1,0 +1,28 @@
+import jax.numpy as jnp
+from jaxtyping import Array, Float, PRNGKeyArray
+
+from .._aggregator import AbstractWeightedAggregator
+from .._misc import check_matrix
+from .._weighting import AbstractWeighting
+
+
+class MeanWeighting(AbstractWeighting):
+    r"""Uniform weights $w = \frac1m \mathbf 1$. Reads only the number of rows, so it
+    accepts a Jacobian `(m, n)` or a Gramian `(m, m)`. With `m = 0` it returns an
+    empty vector."""
+
+    def __call__(
+        self, stat: Float[Array, "m k"], /, *, key: PRNGKeyArray | None = None
+    ) -> Float[Array, " m"]:
+        check_matrix(stat, "stat")
+        m = stat.shape[0]
+        return jnp.full((m,), 1 / max(m, 1), dtype=stat.dtype)
+
+
+class Mean(AbstractWeightedAggregator):
+    r"""The average of the rows: $A(J) = \frac1m J^\top \mathbf 1$ (zeros when `m = 0`)."""
+
+    weighting: MeanWeighting = MeanWeighting()
+
+
+Mean.__init__.__doc__ = """**Arguments:** none."""

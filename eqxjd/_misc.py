@@ -1,0 +1,104 @@
+import jax
+import jax.lax as lax
+import jax.numpy as jnp
+from jaxtyping import Array, ArrayLike, Float, Shaped
+
+from ._custom_types import ScalarLike
+
+
+_HIGHEST = lax.Precision.HIGHEST
+
+
+def check_matrix(matrix: Shaped[Array, "..."], name: str = "jacobian") -> None:
+    """Raises a `ValueError` unless `matrix` is a 2-D floating array (static check)."""
+    shape = jnp.shape(matrix)
+    if len(shape) != 2:
+        raise ValueError(
+            f"`{name}` must be a matrix of shape (m, n); got an array of shape {shape}."
+        )
+    if not jnp.issubdtype(jnp.result_type(matrix), jnp.inexact):
+        raise ValueError(
+            f"`{name}` must have a floating dtype; got {jnp.result_type(matrix)}. "
+            "Convert it with `.astype(jnp.float32)` or `.astype(jnp.float64)`."
+        )
+
+
+def check_gramian(gramian: Shaped[Array, "..."]) -> None:
+    """Raises a `ValueError` unless `gramian` is a square floating matrix."""
+    check_matrix(gramian, "gramian")
+    m, k = gramian.shape
+    if m != k:
+        raise ValueError(f"`gramian` must be square; got shape {gramian.shape}.")
+
+
+def check_length(vector: Shaped[Array, " k"], m: int, name: str) -> None:
+    """Raises a `ValueError` if `vector` does not have one entry per objective."""
+    if vector.shape[0] != m:
+        raise ValueError(
+            f"`{name}` has {vector.shape[0]} entries but there are {m} objectives "
+            "(rows of the Jacobian)."
+        )
+
+
+def as_vector(value: ArrayLike | None, name: str) -> Float[Array, " k"] | None:
+    """Converter for optional 1-D hyperparameters such as `pref_vector`."""
+    if value is None:
+        return None
+    array = jnp.asarray(value)
+    if array.ndim != 1:
+        raise ValueError(f"`{name}` must be a 1-D vector; got shape {array.shape}.")
+    if not jnp.issubdtype(array.dtype, jnp.inexact):
+        array = array.astype(jnp.result_type(float))
+    return array
+
+
+def check_nonnegative(value: ScalarLike, name: str) -> None:
+    if isinstance(value, (int, float)) and value < 0:
+        raise ValueError(f"`{name}` must be non-negative; got {value}.")
+
+
+def gramian(matrix: Float[Array, "m n"]) -> Float[Array, "m m"]:
+    r"""The Gramian $G = J J^\top$, always at full matmul precision."""
+    return jnp.matmul(matrix, matrix.T, precision=_HIGHEST)
+
+
+def combine(weights: Float[Array, " m"], matrix: Float[Array, "m n"]) -> Float[Array, " n"]:
+    r"""The aggregation $d = w^\top J$ at full matmul precision."""
+    return jnp.tensordot(weights, matrix, axes=1, precision=_HIGHEST)
+
+
+def normalize(gramian: Float[Array, "m m"], eps: ScalarLike) -> Float[Array, "m m"]:
+    """`G / tr(G)`, or the zero matrix when `tr(G) < eps` (TorchJD's absolute threshold)."""
+    trace = jnp.trace(gramian)
+    small = trace < eps
+    safe_trace = jnp.where(small, jnp.ones_like(trace), trace)
+    return jnp.where(small, jnp.zeros_like(gramian), gramian / safe_trace)
+
+
+def regularize(gramian: Float[Array, "m m"], eps: ScalarLike) -> Float[Array, "m m"]:
+    """`G + eps * I`."""
+    return gramian + eps * jnp.eye(gramian.shape[0], dtype=gramian.dtype)
+
+
+def pref_weights(
+    pref_vector: Float[Array, " k"] | None, m: int, dtype: jnp.dtype
+) -> Float[Array, " m"]:
+    """The preference weights: `1/m` each when `pref_vector` is None."""
+    if pref_vector is None:
+        return jnp.full((m,), 1 / max(m, 1), dtype=dtype)
+    check_length(pref_vector, m, "pref_vector")
+    return pref_vector.astype(dtype)
+
+
+def all_finite(x: Array) -> Array:
+    return jnp.all(jnp.isfinite(x))
+
+
+def nan_unless_finite(check: Array, out: Array) -> Array:
+    """Documented NaN policy: non-finite input gives an all-NaN output."""
+    return jnp.where(all_finite(check), out, jnp.full_like(out, jnp.nan))
+
+
+def solve_dtype(dtype: jnp.dtype) -> jnp.dtype:
+    """QPs are solved in float64 whenever x64 is enabled, as TorchJD does."""
+    return jnp.float64 if jax.config.read("jax_enable_x64") else dtype

@@ -1,0 +1,1 @@
+from .base import AbstractQPSolver as AbstractQPSolver, to_solver as to_solver
