@@ -92,13 +92,20 @@ class AbstractStatefulAggregator(eqx.Module):
         """
 
 
-def _finish(
+def weighted_combination(
     weighting: AbstractWeighting | AbstractStatefulWeighting,
     weights: Float[Array, " m"],
     jacobian: Float[Array, "m n"],
 ) -> Float[Array, " n"]:
     out = combine(weights.astype(jacobian.dtype), jacobian)
     return out if weighting.differentiable else lax.stop_gradient(out)
+
+
+@eqx.filter_jit
+def _weigh(weighting, stat, *state, key):
+    # Jitted (inlined under an outer jit) so that eager calls of iterative weightings do
+    # not re-trace and re-compile their loops on every call.
+    return weighting(stat, *state, key=key)
 
 
 def _empty_gramian(jacobian: Float[Array, "m n"]) -> Float[Array, "m m"]:
@@ -119,12 +126,12 @@ class AbstractWeightedAggregator(AbstractAggregator):
     ) -> Float[Array, " m"]:
         """The weights $w$ that the aggregation uses, shape `(m,)`."""
         check_matrix(jacobian)
-        return self.weighting(jacobian, key=key)
+        return _weigh(self.weighting, jacobian, key=key)
 
     def __call__(
         self, jacobian: Float[Array, "m n"], /, *, key: PRNGKeyArray | None = None
     ) -> Float[Array, " n"]:
-        return _finish(self.weighting, self.weights(jacobian, key=key), jacobian)
+        return weighted_combination(self.weighting, self.weights(jacobian, key=key), jacobian)
 
 
 class AbstractGramianWeightedAggregator(AbstractAggregator):
@@ -143,13 +150,13 @@ class AbstractGramianWeightedAggregator(AbstractAggregator):
     ) -> Float[Array, " m"]:
         """The weights $w$ that the aggregation uses, shape `(m,)`."""
         check_matrix(jacobian)
-        return self.gramian_weighting(gramian(jacobian), key=key)
+        return _weigh(self.gramian_weighting, gramian(jacobian), key=key)
 
     def __call__(
         self, jacobian: Float[Array, "m n"], /, *, key: PRNGKeyArray | None = None
     ) -> Float[Array, " n"]:
         weights = self.weights(jacobian, key=key)
-        return _finish(self.gramian_weighting, weights, jacobian)
+        return weighted_combination(self.gramian_weighting, weights, jacobian)
 
 
 class AbstractStatefulWeightedAggregator(AbstractStatefulAggregator):
@@ -171,7 +178,7 @@ class AbstractStatefulWeightedAggregator(AbstractStatefulAggregator):
     ) -> tuple[Float[Array, " m"], State]:
         """The weights (shape `(m,)`) and the new state."""
         check_matrix(jacobian)
-        return self.weighting(jacobian, state, key=key)
+        return _weigh(self.weighting, jacobian, state, key=key)
 
     def __call__(
         self,
@@ -182,7 +189,7 @@ class AbstractStatefulWeightedAggregator(AbstractStatefulAggregator):
         key: PRNGKeyArray | None = None,
     ) -> tuple[Float[Array, " n"], State]:
         weights, state = self.weights(jacobian, state, key=key)
-        return _finish(self.weighting, weights, jacobian), state
+        return weighted_combination(self.weighting, weights, jacobian), state
 
 
 class AbstractStatefulGramianWeightedAggregator(AbstractStatefulAggregator):
@@ -204,7 +211,7 @@ class AbstractStatefulGramianWeightedAggregator(AbstractStatefulAggregator):
     ) -> tuple[Float[Array, " m"], State]:
         """The weights (shape `(m,)`) and the new state."""
         check_matrix(jacobian)
-        return self.gramian_weighting(gramian(jacobian), state, key=key)
+        return _weigh(self.gramian_weighting, gramian(jacobian), state, key=key)
 
     def __call__(
         self,
@@ -215,7 +222,7 @@ class AbstractStatefulGramianWeightedAggregator(AbstractStatefulAggregator):
         key: PRNGKeyArray | None = None,
     ) -> tuple[Float[Array, " n"], State]:
         weights, state = self.weights(jacobian, state, key=key)
-        return _finish(self.gramian_weighting, weights, jacobian), state
+        return weighted_combination(self.gramian_weighting, weights, jacobian), state
 
 
 class WeightedAggregator(AbstractWeightedAggregator):

@@ -101,4 +101,33 @@ def nan_unless_finite(check: Array, out: Array) -> Array:
 
 def solve_dtype(dtype: jnp.dtype) -> jnp.dtype:
     """QPs are solved in float64 whenever x64 is enabled, as TorchJD does."""
-    return jnp.float64 if jax.config.read("jax_enable_x64") else dtype
+    return jnp.dtype(jnp.float64 if jax.config.read("jax_enable_x64") else dtype)
+
+
+def project_onto_simplex(y: Float[Array, " m"]) -> Float[Array, " m"]:
+    r"""Euclidean projection onto $\{w \geq 0, \sum w = 1\}$, tie-for-tie as TorchJD.
+
+    With $s$ = `y` sorted in decreasing order and $c_i = (\sum_{k \le i} s_k - 1)/(i+1)$,
+    $\tau = c_i$ at the first $i$ with $c_i > s_{i+1}$ (else $(\sum y - 1)/m$), and the
+    result is $\max(y - \tau, 0)$.
+    """
+    m = y.shape[0]
+    if m <= 1:
+        return jnp.ones_like(y)
+    s = jnp.sort(y)[::-1]
+    c = (jnp.cumsum(s) - 1) / jnp.arange(1, m + 1, dtype=y.dtype)
+    hit = c[:-1] > s[1:]
+    first = jnp.argmax(hit)
+    tau = jnp.where(jnp.any(hit), c[first], (jnp.sum(y) - 1) / m)
+    return jnp.maximum(y - tau, 0)
+
+
+def pinv(matrix: Float[Array, "a b"]) -> Float[Array, "b a"]:
+    """Pseudo-inverse with TorchJD's cutoff: `max(a, b) * eps` relative to sigma_max."""
+    rtol = max(matrix.shape) * jnp.finfo(matrix.dtype).eps
+    return jnp.linalg.pinv(matrix, rtol=rtol)
+
+
+def lower_median(x: Float[Array, " k"]) -> Float[Array, ""]:
+    """torch.median's convention: element (k - 1) // 2 of the ascending order."""
+    return jnp.sort(x)[(x.shape[0] - 1) // 2]

@@ -13,6 +13,7 @@ from ._aggregator import (
     AbstractStatefulGramianWeightedAggregator,
     AbstractStatefulWeightedAggregator,
     AbstractWeightedAggregator,
+    weighted_combination,
 )
 from ._custom_types import State
 from ._misc import gramian
@@ -94,7 +95,7 @@ def aggregate_tree(
     if stateful and state is None:
         raise ValueError(
             f"{type(aggregator).__name__} is stateful: pass the state from "
-            "`aggregator.init(jacobian)` (or `eqxjd.init_tree`)."
+            "`aggregator.init(jacobian)` (or `eqxjd.init_state`)."
         )
     if isinstance(
         aggregator,
@@ -115,9 +116,11 @@ def aggregate_tree(
     weights = None
     if isinstance(aggregator, AbstractWeightedAggregator):
         weights = aggregator.weights(matrix, key=key)
+        flat = weighted_combination(aggregator.weighting, weights, matrix)
     elif isinstance(aggregator, AbstractStatefulWeightedAggregator):
-        weights, _ = aggregator.weights(matrix, state, key=key)
-    if stateful:
+        weights, state = aggregator.weights(matrix, state, key=key)
+        flat = weighted_combination(aggregator.weighting, weights, matrix)
+    elif stateful:
         flat, state = aggregator(matrix, state, key=key)
     else:
         flat = aggregator(matrix, key=key)
@@ -155,7 +158,7 @@ def aggregate(
 
     - `aggregator`: any eqxjd aggregator.
     - `jacobians`: a pytree of arrays, each of shape `(m, *leaf_shape)`.
-    - `state`: for stateful aggregators, the state from `eqxjd.init_tree` (or
+    - `state`: for stateful aggregators, the state from `eqxjd.init_state` (or
         `aggregator.init` on the concatenated Jacobian).
     - `key`: a PRNG key for random aggregators. (Keyword only argument.)
 

@@ -12,9 +12,14 @@ REFERENCE = pathlib.Path(__file__).parent / "reference"
 
 
 def load_reference(name: str) -> dict[str, np.ndarray]:
-    """Loads `tests/reference/<name>.npz` (TorchJD 0.18.0 values; see generate.py)."""
-    with np.load(REFERENCE / f"{name}.npz") as data:
-        return dict(data)
+    """Loads `tests/reference/<name>.npz` merged with its `<name>_large.npz` companion
+    (TorchJD 0.18.0 values; see generate.py and tests/reference/README.md)."""
+    out = {}
+    for path in (REFERENCE / f"{name}.npz", REFERENCE / f"{name}_large.npz"):
+        if path.exists():
+            with np.load(path) as data:
+                out.update(data)
+    return out
 
 
 def reference_names(data: dict[str, np.ndarray], method: str) -> list[str]:
@@ -58,7 +63,7 @@ def conflicting(key, m, n, dtype=jnp.float64):
     k1, k2, k3 = jr.split(key, 3)
     direction = jr.normal(k1, (n,), dtype)
     signs = jnp.where(jr.bernoulli(k2, 0.5, (m,)), 1.0, -1.0).astype(dtype)
-    return signs[:, None] * direction + 0.05 * jr.normal(k3, (m, n), dtype)
+    return signs[:, None] * direction[None, :] + 0.05 * jr.normal(k3, (m, n), dtype)
 
 
 def strongly_stationary(key, m, n, rank, dtype=jnp.float64):

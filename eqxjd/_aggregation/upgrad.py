@@ -2,13 +2,12 @@ import equinox as eqx
 import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, Float, PRNGKeyArray
 
+from .._aggregator import AbstractGramianWeightedAggregator
 from .._custom_types import ScalarLike
 from .._dual_cone import project_onto_dual_cone
-from .._misc import check_gramian, check_nonnegative, pref_weights
+from .._misc import as_vector, check_gramian, check_nonnegative, pref_weights
 from .._solver.base import AbstractQPSolver, SolverName, to_solver
-from .._aggregator import AbstractGramianWeightedAggregator
 from .._weighting import AbstractWeighting
-from .common import pref_field
 
 
 class UPGradWeighting(AbstractWeighting):
@@ -23,12 +22,30 @@ class UPGradWeighting(AbstractWeighting):
     [arXiv:2406.16232](https://arxiv.org/abs/2406.16232).
     """
 
-    pref_vector: Float[Array, " m"] | None = pref_field()
-    norm_eps: ScalarLike = 1e-4
-    reg_eps: ScalarLike = 1e-4
-    solver: AbstractQPSolver = eqx.field(default="bpp", converter=to_solver)
-    differentiable: bool = eqx.field(default=False, static=True)
-    throw: bool = eqx.field(default=True, static=True)
+    pref_vector: Float[Array, " m"] | None
+    norm_eps: ScalarLike
+    reg_eps: ScalarLike
+    solver: AbstractQPSolver
+    # An instance field shadowing the ABC's ClassVar: hence the hand-written __init__,
+    # which keeps the arguments in this order.
+    differentiable: bool = eqx.field(static=True)
+    throw: bool = eqx.field(static=True)
+
+    def __init__(
+        self,
+        pref_vector: Float[ArrayLike, " m"] | None = None,
+        norm_eps: ScalarLike = 1e-4,
+        reg_eps: ScalarLike = 1e-4,
+        solver: SolverName | AbstractQPSolver = "bpp",
+        differentiable: bool = False,
+        throw: bool = True,
+    ):
+        self.pref_vector = as_vector(pref_vector, "pref_vector")
+        self.norm_eps = norm_eps
+        self.reg_eps = reg_eps
+        self.solver = to_solver(solver)
+        self.differentiable = differentiable
+        self.throw = throw
 
     def __check_init__(self):
         check_nonnegative(self.norm_eps, "norm_eps")

@@ -37,6 +37,7 @@ from torchjd.aggregation import (
     GradDrop,
     GradVac,
     GramianWeightedAggregator,
+    WeightedAggregator,
     IMTLG,
     Krum,
     Mean,
@@ -92,7 +93,7 @@ def save(fname, data):
         for k in z.files:
             a, b = z[k], data[k]
             assert a.shape == b.shape and a.dtype == b.dtype, k
-            assert np.array_equal(a, b, equal_nan=True), k
+            assert np.array_equal(a, b, equal_nan=a.dtype.kind == "f"), k
     print(f"[{fname}] {len(data)} keys, {size / 1e6:.3f} MB (reload OK)")
     if size >= MAX_BYTES:
         print(f"WARNING: {fname} is >= 1 MB")
@@ -105,8 +106,8 @@ def run_agg(agg, J):
     mod = None
     if isinstance(agg, GramianWeightedAggregator):
         mod = agg.gramian_weighting
-    elif hasattr(agg, "weighting"):
-        mod = agg.weighting
+    elif isinstance(agg, WeightedAggregator):
+        mod = agg.weighting  # (ConFIG's `weighting` is only its preference vector: not captured)
     h = None
     if mod is not None:
         h = mod.register_forward_hook(lambda _m, _i, o: cap.append(o.detach().clone()))
@@ -417,6 +418,742 @@ LARGE_SIZE = 15000  # m * (m + n) above which a matrix goes to foundation_large.
 def _key_in(key, names):
     parts = key.split("/")
     return len(parts) >= 2 and parts[1] in names
+
+
+# --------------------------------------------------------------------------------------------
+# shared helpers for zoo / modern
+
+
+def save_split(stem, out, Js_used, threshold=None):
+    """Write <stem>.npz, and <stem>_large.npz for the keys of large matrices (if any)."""
+    threshold = LARGE_SIZE if threshold is None else threshold
+    large = {
+        k for k, J in Js_used.items() if J.shape[0] * (J.shape[0] + J.shape[1]) > threshold
+    }
+    small_out = {k: v for k, v in out.items() if not _key_in(k, large)}
+    large_out = {k: v for k, v in out.items() if _key_in(k, large)}
+    save(f"{stem}.npz", small_out)
+    if large_out:
+        large_out["meta/names"] = np.array(sorted(large))
+        save(f"{stem}_large.npz", large_out)
+
+
+def err_key(out, mid, name, e):
+    out[f"errors/{mid}/{name}"] = np.array(1, dtype=np.int64)
+    msg = str(e).splitlines()[0][:120] if str(e) else ""
+    print(f"  {mid} on {name} raised {type(e).__name__}: {msg}")
+
+
+def store(out, prefix, w, d):
+    if w is not None:
+        out[f"{prefix}/w"] = N(w)
+    out[f"{prefix}/d"] = N(d)
+
+
+def pair_matrices():
+    """m = 2 matrices (PCGrad = UPGrad(sum) territory), half of them conflicting."""
+    rng = np.random.default_rng(7)
+    Js = {}
+    for i, n in enumerate((3, 5, 9, 27, 102)):
+        J = rng.standard_normal((2, n))
+        g0, g1 = J
+        if i % 2 == 0 and g0 @ g1 > 0:  # make it conflicting
+            J[1] = -g1
+        if i % 2 == 1 and g0 @ g1 < 0:
+            J[1] = -g1
+        Js[f"pair_{i}"] = J
+    Js["pair_antiparallel"] = np.array([[1.0, 0.0], [-1.0, 0.0]])
+    Js["pair_duplicate"] = np.array([[1.0, 0.0], [1.0, 0.0]])
+    return Js
+
+
+def zoo_selection(Js):
+    sel = {}
+    for k, J in Js.items():
+        kind, idx = (k.rsplit("_", 1) + [""])[:2] if "_" in k else (k, "")
+        if kind == "normal" or kind == "mgtn" or k in ("base", "5x7", "krum", "tm"):
+            sel[k] = J
+        elif kind == "scaled" and SCALES[int(idx) % 6] <= 1e5:
+            sel[k] = J
+        elif kind == "illcond" and J.shape[0] <= 32:
+            sel[k] = J
+    sel.update(pair_matrices())
+    return sel
+
+
+# numpy re-implementations used to self-check that the stored draws are the ones TorchJD used
+def np_pcgrad(G, perms):
+    m = G.shape[0]
+    w = np.zeros(m)
+    for i in range(m):
+        c = np.zeros(m)
+        c[i] = 1.0
+        for j in perms[i]:
+            if j == i:
+                continue
+            ip = G[j] @ c
+            if ip < 0.0:
+                c[j] -= ip / G[j, j]
+        w += c
+    return w
+
+
+def np_graddrop(J, U, leak=None):
+    m = J.shape[0]
+    leak = np.zeros(m) if leak is None else leak
+    with np.errstate(invalid="ignore", divide="ignore"):
+        P = 0.5 * (1.0 + J.sum(0) / np.abs(J).sum(0))
+    d = np.zeros(J.shape[1])
+    for i in range(m):
+        M = (P > U) * (J[i] > 0) + (P < U) * (J[i] < 0)
+        d += (leak[i] + (1 - leak[i]) * M) * J[i]
+    return d
+
+
+# --------------------------------------------------------------------------------------------
+# 2. zoo
+
+
+ZOO_DET = [
+    ("mgda", lambda m: MGDA()),
+    ("mgda_e1e-5", lambda m: MGDA(epsilon=1e-5, max_iters=1000)),
+    ("cagrad_c0.5", lambda m: CAGrad(c=0.5)),
+    ("cagrad_c1", lambda m: CAGrad(c=1.0)),
+    ("alignedmtl_min", lambda m: AlignedMTL(scale_mode="min")),
+    ("alignedmtl_median", lambda m: AlignedMTL(scale_mode="median")),
+    ("alignedmtl_rmse", lambda m: AlignedMTL(scale_mode="rmse")),
+    ("imtlg", lambda m: IMTLG()),
+    ("krum_1", lambda m: Krum(n_byzantine=1)),
+    ("krum_1_2", lambda m: Krum(n_byzantine=1, n_selected=2)),
+    ("trimmedmean_1", lambda m: TrimmedMean(trim_number=1)),
+    ("config", lambda m: ConFIG()),
+]
+NASH_MAX_M = 64  # NashMTL (cvxpy/ECOS) is too slow above this; recorded under skipped/
+
+
+def zoo(Js):
+    t0 = time.time()
+    sel = zoo_selection(Js)
+    out: dict[str, np.ndarray] = {}
+    for name, Jn in sel.items():
+        out[f"J/{name}"] = Jn
+        J = T(Jn)
+        m, n = Jn.shape
+        for mid, make in ZOO_DET:
+            try:
+                w, d = run_agg(make(m), J)
+                store(out, f"{mid}/{name}", w, d)
+            except Exception as e:  # noqa: BLE001
+                err_key(out, mid, name, e)
+
+        # PCGrad: randperm(m) per row, global RNG, seed 0
+        torch.manual_seed(0)
+        perms = np.stack([torch.randperm(m).numpy() for _ in range(m)]).astype(np.int64)
+        torch.manual_seed(0)
+        w, d = run_agg(PCGrad(), J)
+        store(out, f"pcgrad/{name}", w, d)
+        out[f"pcgrad/{name}/draws"] = perms.reshape(m, m)
+        if np.all(np.isfinite(Jn)):
+            ref = np_pcgrad(Jn @ Jn.T, perms)
+            assert np.allclose(ref, N(w), rtol=1e-9, atol=1e-12 * max(1.0, np.abs(ref).max())), name
+
+        # GradDrop: rand(n) with J's dtype, seed 0
+        torch.manual_seed(0)
+        U = N(torch.rand(n, dtype=F64))
+        torch.manual_seed(0)
+        _, d = run_agg(GradDrop(), J)
+        out[f"graddrop/{name}/d"] = N(d)
+        out[f"graddrop/{name}/draws"] = U
+        assert np.allclose(np_graddrop(Jn, U), N(d), rtol=1e-12, atol=0), name
+
+        # Random: randn(m) with J's dtype, seed 0
+        torch.manual_seed(0)
+        z = N(torch.randn(m, dtype=F64))
+        torch.manual_seed(0)
+        w, d = run_agg(Random(), J)
+        store(out, f"random/{name}", w, d)
+        out[f"random/{name}/draws"] = z
+        assert np.allclose(np.exp(z - z.max()) / np.exp(z - z.max()).sum(), N(w), rtol=1e-12), name
+
+        # NashMTL(n_tasks=m): 3 successive calls on the same J
+        if m > NASH_MAX_M:
+            out[f"skipped/nashmtl/{name}"] = np.array(1, dtype=np.int64)
+        else:
+            agg = NashMTL(n_tasks=m)
+            for k in range(3):
+                try:
+                    w, d = run_agg(agg, J)
+                    store(out, f"nashmtl/{name}/call{k}", w, d)
+                except Exception as e:  # noqa: BLE001
+                    err_key(out, "nashmtl", name, e)  # (always raised on call0 so far)
+                    break
+
+    # NashMTL on sequences of 3 different Js (fresh instance per sequence)
+    rng = np.random.default_rng(8)
+    for s, (m, n) in enumerate([(2, 3), (3, 5), (5, 7), (9, 11)]):
+        agg = NashMTL(n_tasks=m)
+        base = rng.standard_normal((m, n))
+        for k in range(3):
+            Jn = base + 0.3 * rng.standard_normal((m, n))
+            out[f"nashmtl_seq/seq_{s}/J{k}"] = Jn
+            w, d = run_agg(agg, T(Jn))
+            store(out, f"nashmtl_seq/seq_{s}/call{k}", w, d)
+
+    # extras with preference vectors / leak (pref = arange(1, m+1), leak stored)
+    for name in ("base", "5x7"):
+        Jn = sel[name]
+        J = T(Jn)
+        m, n = Jn.shape
+        pref = torch.arange(1, m + 1, dtype=F64)
+        for mid, agg in [("alignedmtl_pref", AlignedMTL(pref_vector=pref)), ("config_pref", ConFIG(pref))]:
+            w, d = run_agg(agg, J)
+            store(out, f"{mid}/{name}", w, d)
+            out[f"{mid}/{name}/pref"] = N(pref)
+        leak = np.linspace(0.5, 0.2, m)
+        torch.manual_seed(0)
+        U = N(torch.rand(n, dtype=F64))
+        torch.manual_seed(0)
+        d = GradDrop(leak=T(leak))(J)
+        out[f"graddrop_leak/{name}/d"] = N(d)
+        out[f"graddrop_leak/{name}/leak"] = leak
+        out[f"graddrop_leak/{name}/draws"] = U
+        # float32 GradDrop (float32 draws differ from float64 ones)
+        torch.manual_seed(0)
+        U32 = torch.rand(n, dtype=F32)
+        torch.manual_seed(0)
+        d = GradDrop()(T(Jn, F32))
+        out[f"graddrop_f32/{name}/d"] = N(d)
+        out[f"graddrop_f32/{name}/draws"] = N(U32)
+
+    print("zoo checks (methods.md §9):")
+    c = lambda k, e, a=1e-8: check(k, out[k], e, a)  # noqa: E731
+    c("mgda/base/d", [0, 1, 1]); c("mgda/base/w", [0.6, 0.4])
+    c("cagrad_c0.5/base/d", [0.1835034204, 1.204124148, 1.204124148], 1e-7)
+    c("cagrad_c0.5/base/w", [0.7041241467, 0.5000000012], 1e-7)
+    c("cagrad_c1/base/w", [1.199978642, 0.7999679646], 1e-6)
+    c("alignedmtl_min/base/d", [0.213278746, 0.9673329838, 0.9673329838])
+    c("alignedmtl_min/base/w", [0.5590719157, 0.4082610681])
+    c("alignedmtl_median/base/w", out["alignedmtl_min/base/w"], 0)
+    c("alignedmtl_rmse/base/d", [0.5763758127, 2.614172041, 2.614172041])
+    c("alignedmtl_rmse/base/w", [1.510865643, 1.103306398])
+    c("alignedmtl_pref/base/d", [2.007851663, 2.751188104, 2.751188104])
+    c("alignedmtl_pref/base/w", [1.449927696, 1.301260408])
+    c("imtlg/base/d", [0.07669683062, 1, 1]); c("imtlg/base/w", [0.5923303169, 0.4076696831])
+    c("pcgrad/base/d", [0.5847953216, 3.801169591, 3.801169591])
+    c("pcgrad/base/w", [2.222222222, 1.578947368])
+    c("pcgrad/base/draws", [[0, 1], [1, 0]], 0)
+    c("random/base/d", [-2.622880285, 1, 1]); c("random/base/w", [0.8622880285, 0.1377119715])
+    c("nashmtl/base/call0/d", [0.05415325109, 0.7060691982, 0.7060691982], 1e-7)
+    c("nashmtl/base/call0/w", [0.4182261938, 0.2878430044], 1e-7)
+    c("nashmtl/base/call1/w", [0.4182261938, 0.2878430044], 1e-7)
+    c("config/base/d", [0.1588089758, 2.070606758, 2.070606758])
+    c("config_pref/base/d", [0.4684087453, 2.165635178, 2.165635178])
+    c("graddrop/base/d", [-4, 2, 2], 0); c("graddrop_f32/base/d", [6, 2, 2], 0)
+    c("graddrop_f32/base/draws", [0.49625658988952637, 0.7682217955589294, 0.08847743272781372], 0)
+    c("graddrop_leak/base/d", [-2.8, 2, 2], 1e-12)
+    c("mgda/5x7/d", [0.3504403246, 0.3830415931, 0.2210010211, 0.5143078375, 0.5111838255,
+                     0.02642931478, -0.08504113774])
+    c("mgda/5x7/w", [0.008519169496, 0.6094059882, 0.02630414165, 0.1471213802, 0.2086493205])
+    c("cagrad_c0.5/5x7/w", [0.2, 0.6891156168, 0.2, 0.2, 0.2], 1e-7)
+    c("cagrad_c0.5/5x7/d", [0.7745600795, 0.5423955974, 0.6600697272, 1.035993124, 0.9698574167,
+                            -0.2288393431, -0.3437513354], 1e-7)
+    c("alignedmtl_min/5x7/w", [-0.02400097834, 0.1744902624, 0.01852667719, 0.05411026285,
+                               0.08151047659])
+    c("imtlg/5x7/w", [-0.2140504039, 0.7586993835, -0.03681735645, 0.1474885182, 0.3446798586])
+    c("krum_1/5x7/w", [0, 0, 0, 0, 1], 0)
+    c("pcgrad/5x7/w", [1, 2.841342726, 1.103779291, 1.365391734, 1.213572897])
+    c("pcgrad/5x7/d", [4.576506427, 3.438647907, 2.969216603, 5.981752896, 3.282033494,
+                       -2.099004672, -2.199924486], 1e-7)
+    c("pcgrad/5x7/draws", [[4, 0, 1, 3, 2], [3, 4, 0, 1, 2], [2, 4, 1, 3, 0], [1, 4, 3, 2, 0],
+                           [1, 0, 4, 2, 3]], 0)
+    c("nashmtl/5x7/call0/w", [0.06492839723, 0.3891211598, 0.1244417412, 0.163014577,
+                              0.134139188], 1e-7)
+    c("nashmtl/5x7/call1/w", [0.06492839723, 0.3891211598, 0.1244417412, 0.163014577,
+                              0.134139188], 1e-7)
+    c("random/5x7/w", [0.6118233588, 0.09771143533, 0.01483008846, 0.2313377539, 0.04429736351])
+    c("random/5x7/draws", [1.5409961082440433, -0.2934289057609464, -2.1787893820745574,
+                           0.5684312772806678, -1.084522342424021], 0)
+    c("config/5x7/d", [0.9152938459, 3.613138908, -0.07136282742, 0.8074294781, 1.35442371,
+                       1.121270979, -1.299236544], 1e-7)
+    c("graddrop/5x7/d", [-0.1513572083, 3.067626505, 3.038362985, 5.032853914, -2.342151422,
+                         -3.812170087, 1.071763434], 1e-7)
+    c("graddrop/5x7/draws", [0.9700530018065531, 0.707819864399788, 0.45938294312745087,
+                             0.9207476841219603, 0.6450241201227648, 0.7911478921803037,
+                             0.17860617520075095], 0)
+    c("trimmedmean_1/5x7/d", [0.8767536808, 0.5327559115, 0.5147613039, 0.9210330967,
+                              0.2931851537, -0.595205034, -0.1378069943])
+    c("krum_1_2/krum/w", out["krum_1_2/krum/w"], 0)
+    c("krum_1/krum/d", [1, 0, 1], 0); c("krum_1/krum/w", [0, 1, 0, 0, 0], 0)
+    c("trimmedmean_1/tm/d", [1.5, 2.5], 0)
+    c("trimmedmean_1/krum/d", [1.333333333, 0.3333333333, 1.666666667])
+    c("mgda/krum/d", [1, 0, 1], 1e-12); c("mgda/krum/w", [0, 1, 0, 0, 0], 1e-12)
+    c("imtlg/krum/w", [-0.04601977318, 0.03316070687, 0.009982713198, 1.998310132,
+                       -0.9954337788])
+    c("alignedmtl_min/krum/d", [0.4346761435, -0.2117983915, 0.3445739817], 1e-7)
+    c("config/krum/d", [57.62857027, -125.6058654, 277.1772522], 1e-6)
+    c("pcgrad/krum/w", [20.61904762, 1, 1.003904739, 85.85714286, 1], 1e-7)
+    c("pcgrad/krum/d", [184.7690459, -476.2672226, 303.2802852], 1e-6)
+    print(f"zoo built in {time.time() - t0:.1f}s")
+    save_split("zoo", out, sel)
+
+
+# --------------------------------------------------------------------------------------------
+# 3. modern
+
+
+def modern_selection(Js):
+    sel = {}
+    for k, J in Js.items():
+        if k in ("base", "5x7", "krum"):
+            sel[k] = J
+        elif k.startswith("normal_") and J.shape[1] < 1000:
+            sel[k] = J
+        elif k.startswith("illcond_") and J.shape[0] <= 16 and J.shape[1] <= 100:
+            sel[k] = J
+    for k, J in pair_matrices().items():
+        if k in ("pair_0", "pair_1", "pair_2"):
+            sel[k] = J
+    return sel
+
+
+STATEFUL = [
+    ("gradvac", lambda: GradVac()),
+    ("pcd", lambda: PCD()),
+    ("pcd_tau1", lambda: PCD(tau=1.0)),
+    ("excessmtl", lambda: ExcessMTL()),
+    ("excessmtl_r0.1", lambda: ExcessMTL(robust_step_size=0.1)),
+    ("excessmtl_warm2", lambda: ExcessMTL(n_warmup_steps=2)),
+    ("crmogm_upgrad", lambda: GramianWeightedAggregator(CRMOGMWeighting(UPGradWeighting()))),
+    (
+        "crmogm_mgda_a0.5",
+        lambda: GramianWeightedAggregator(CRMOGMWeighting(MGDAWeighting(), alpha=0.5)),
+    ),
+]
+
+
+def fairgrad_residual(G, w, alpha):
+    with np.errstate(all="ignore"):
+        r = G @ w - w ** (-1.0 / alpha)
+        return float(np.max(np.abs(r)) / max(1.0, np.max(np.abs(G @ w))))
+
+
+def gradvac_draws(m, seed):
+    torch.manual_seed(seed)
+    return np.stack([torch.randperm(m - 1).numpy() for _ in range(m)]).astype(np.int64).reshape(
+        m, max(m - 1, 0)
+    )
+
+
+def modern(Js):
+    t0 = time.time()
+    sel = modern_selection(Js)
+    out: dict[str, np.ndarray] = {}
+    rng = np.random.default_rng(9)
+    for name, Jn in sel.items():
+        out[f"J/{name}"] = Jn
+        m, n = Jn.shape
+        J = T(Jn)
+        # sequence of 3 different Js of the same shape: J0 = J, J1, J2 stored
+        scale = float(np.std(Jn)) or 1.0
+        seq = [Jn] + [Jn + 0.5 * scale * rng.standard_normal((m, n)) for _ in range(2)]
+        out[f"seqJ/{name}/J1"] = seq[1]
+        out[f"seqJ/{name}/J2"] = seq[2]
+
+        for alpha, mid in [(0.5, "fairgrad_a0.5"), (1.0, "fairgrad_a1"), (2.0, "fairgrad_a2")]:
+            try:
+                w, d = run_agg(FairGrad(alpha=alpha), J)
+                store(out, f"{mid}/{name}", w, d)
+                out[f"{mid}/{name}/resid"] = np.array(fairgrad_residual(Jn @ Jn.T, N(w), alpha))
+            except Exception as e:  # noqa: BLE001
+                err_key(out, mid, name, e)
+
+        for mid, make in STATEFUL:
+            for mode, Jseq in (("same", [Jn] * 3), ("seq", seq)):
+                agg = make()
+                for k, Jk in enumerate(Jseq):
+                    if mid == "gradvac":
+                        out[f"{mid}/{name}/{mode}/call{k}/draws"] = gradvac_draws(m, k)
+                    torch.manual_seed(k)
+                    try:
+                        w, d = run_agg(agg, T(Jk))
+                    except Exception as e:  # noqa: BLE001
+                        err_key(out, mid, name, e)
+                        break
+                    store(out, f"{mid}/{name}/{mode}/call{k}", w, d)
+                    if mid == "gradvac":
+                        out[f"{mid}/{name}/{mode}/call{k}/phi"] = N(agg.gramian_weighting._phi_t)
+
+        # MoDo / SDMGrad: call0 on M = J J^T, call1/2 on M = J1 J2^T (two noisy batches)
+        Ms = [Jn @ Jn.T]
+        for _ in range(2):
+            J1 = Jn + 0.3 * scale * rng.standard_normal((m, n))
+            J2 = Jn + 0.3 * scale * rng.standard_normal((m, n))
+            Ms.append(J1 @ J2.T)
+        for mid, make in [("modo", MoDoWeighting), ("sdmgrad", SDMGradWeighting)]:
+            wt = make()
+            for k, M in enumerate(Ms):
+                out[f"{mid}/{name}/call{k}/M"] = M
+                w = wt(T(M))
+                out[f"{mid}/{name}/call{k}/w"] = N(w)
+                out[f"{mid}/{name}/call{k}/d"] = N(w @ J)
+
+    # documented SDMGrad cases (methods.md §4.21)
+    wt = SDMGradWeighting(n_iter=1)
+    for k, M in enumerate([np.diag([1.0, 0.25, 0.0]), np.eye(3)]):
+        out[f"sdmgrad_niter1/doc/call{k}/M"] = M
+        out[f"sdmgrad_niter1/doc/call{k}/w"] = N(wt(T(M)))
+    wt = SDMGradWeighting(n_iter=1, pref_vector=T([0.0, 0.0, 1.0]))
+    out["sdmgrad_niter1_pref001/doc/call0/M"] = np.diag([1.0, 0.25, 0.0])
+    out["sdmgrad_niter1_pref001/doc/call0/w"] = N(wt(T(np.diag([1.0, 0.25, 0.0]))))
+
+    print("modern checks (methods.md §9):")
+    c = lambda k, e, a=1e-8: check(k, out[k], e, a)  # noqa: E731
+    c("gradvac/base/same/call0/d", [0.5847953281, 3.801169586, 3.801169586])
+    c("gradvac/base/same/call0/w", [2.222222219, 1.578947367])
+    # methods.md §9.2 calls this "the state after the first call"; it is the state after the
+    # SECOND call on J_base (after the first call phi_hat = beta * cos = -0.4205955119).
+    c("gradvac/base/same/call1/phi", [[0, -0.6308932679], [-0.6308932679, 0]])
+    c("gradvac/base/same/call0/phi", [[0, -0.4205955119], [-0.4205955119, 0]])
+    c("gradvac/5x7/same/call0/w", [1, 2.928923858, 1.101981977, 1.363415553, 1.213572896])
+    c("gradvac/5x7/same/call0/d", [4.56116096, 3.427299882, 3.003958608, 5.990251682,
+                                   3.411711825, -2.030907474, -2.184309616], 1e-7)
+    c("gradvac/5x7/same/call0/draws", [[0, 1, 3, 2], [0, 2, 3, 1], [3, 2, 0, 1], [3, 0, 2, 1],
+                                       [0, 1, 2, 3]], 0)
+    # published 2nd GradVac calls use seed 0 again (stored fixtures use seed k for call k)
+    for name, w2, d2 in [
+        ("base", [1.857987802, 1.406415275], [1.006540441, 3.264403077, 3.264403077]),
+        ("5x7", [1, 2.033075705, 1.051210751, 1.191980765, 1.169878214], None),
+    ]:
+        agg = GradVac()
+        for _ in range(2):
+            torch.manual_seed(0)
+            w, d = run_agg(agg, T(sel[name]))
+        check(f"gradvac/{name} 2nd call, seed 0 (not stored) w", N(w), w2, 1e-8)
+        if d2 is not None:
+            check(f"gradvac/{name} 2nd call, seed 0 (not stored) d", N(d), d2, 1e-8)
+    c("fairgrad_a1/base/d", [0.07658428839, 0.9985326351, 0.9985326351])
+    c("fairgrad_a1/base/w", [0.5914611522, 0.4070714829])
+    c("fairgrad_a2/base/d", [0.03127367982, 0.7908171505, 0.7908171505])
+    c("fairgrad_a2/base/w", [0.4713629223, 0.3194542282])
+    c("fairgrad_a1/5x7/w", [0.1451843099, 0.870101365, 0.2782601925, 0.3645116755, 0.2999443427])
+    c("fairgrad_a2/5x7/w", [0.04220285718, 0.8442548204, 0.1740032534, 0.2968946649,
+                            0.2623194361])
+    c("fairgrad_a1/krum/w", [0.3945282588, 0.3257664443, 0.00198029646, 0.1946689972,
+                             0.2187831414], 1e-7)
+    for k in range(3):
+        c(f"pcd/base/same/call{k}/d", [-0.8200327513, 2.943428807, 2.943428807])
+        c(f"pcd/base/same/call{k}/w", [1.848060559, 1.095368248])
+    c("pcd_tau1/base/same/call0/d", [3.16946792, 1.994301019, 1.994301019])
+    c("pcd_tau1/base/same/call0/w", [0.8796338192, 1.114667199])
+    c("pcd/5x7/same/call0/w", [1, 0, 0, 0, 0], 1e-12)
+    c("pcd/5x7/same/call1/w", [1, 0, 0, 0, 0], 1e-12)
+    c("pcd/krum/same/call0/w", [1.146125105, 0, 0.0015068022, 0, 0])
+    c("pcd/krum/same/call0/d", [1.25913527, 0.1425948403, 1.180781556])
+    c("excessmtl/base/same/call0/d", [4.807970784, 1, 1])
+    c("excessmtl/base/same/call0/w", [0.1192029216, 0.8807970784])
+    c("excessmtl/base/same/call1/w", [0.1192029215, 0.8807970785])
+    c("excessmtl_r0.1/base/same/call0/d", [1.498339974, 1, 1])
+    c("excessmtl_r0.1/base/same/call0/w", [0.4501660026, 0.5498339974])
+    c("excessmtl/5x7/same/call0/w", [0.8381243874, 0.00201094436, 0.04249256976, 0.0433663033,
+                                     0.07400579516])
+    c("excessmtl/5x7/same/call1/w", [0.8381243821, 0.002010944695, 0.04249257063,
+                                     0.04336630626, 0.07400579636])
+    c("excessmtl/5x7/same/call0/d", [1.638831377, 0.4955810939, 0.8638991774, 1.996136287,
+                                     1.452701658, -0.9984487826, 0.6541888699], 1e-7)
+    c("excessmtl/krum/same/call0/w", [0, 0, 1, 0, 0], 1e-9)
+    for name in ("base", "5x7"):
+        for k in range(3):
+            c(f"crmogm_upgrad/{name}/same/call{k}/w", out[f"crmogm_upgrad/{name}/same/call0/w"], 1e-12)
+    c("crmogm_upgrad/base/same/call0/w", [1.110921047, 0.7894310312])
+    c("crmogm_mgda_a0.5/base/same/call2/w", [0.6, 0.4])
+    c("crmogm_mgda_a0.5/5x7/same/call1/w", [0.008519169496, 0.6094059882, 0.02630414165,
+                                           0.1471213802, 0.2086493205])
+    c("modo/base/call0/w", [1, 0])
+    c("modo/base/call0/d", [-4, 1, 1])
+    c("modo/5x7/call0/w", [0, 0.474080769, 0.206191877, 0.2158484194, 0.1038789347])
+    c("modo/5x7/call0/d", [0.3200714639, 0.359089474, 0.3586244489, 0.5551923871, 0.3478503498,
+                           -0.01120037688, -0.5452660582])
+    c("sdmgrad/base/call0/w", [0.1153846154, 0.8846153846])
+    c("sdmgrad/base/call0/d", [4.846153846, 1, 1])
+    c("sdmgrad/5x7/call0/w", [0.04615384615] * 4 + [0.8153846154])
+    c("sdmgrad_niter1/doc/call0/w", [1 / 13, 1 / 13, 11 / 13], 1e-12)
+    c("sdmgrad_niter1/doc/call1/w", [6 / 13, 6 / 13, 1 / 13], 1e-12)
+    c("sdmgrad_niter1_pref001/doc/call0/w", [0, 0, 1], 1e-12)
+    # 2nd-call published values for MoDo / SDMGrad use the same G twice
+    for mid, make, name, w2 in [
+        ("modo", MoDoWeighting, "base", [0, 1]),
+        ("modo", MoDoWeighting, "5x7", [0, 0.5411466286, 0.1137755798, 0.2318421591, 0.1132356325]),
+        ("sdmgrad", SDMGradWeighting, "5x7", [0.04615384615, 0.4367646275, 0.04615384615,
+                                            0.4247738341, 0.04615384615]),
+    ]:
+        wt = make()
+        G = T(sel[name] @ sel[name].T)
+        wt(G)
+        check(f"{mid}/{name} 2nd call on same G (not stored) w", N(wt(G)), w2, 1e-8)
+    print(f"modern built in {time.time() - t0:.1f}s")
+    save_split("modern", out, sel, threshold=1000)
+
+
+# --------------------------------------------------------------------------------------------
+# 4. scalarization
+
+
+def scalarization(Js):
+    import torchjd.scalarization as S
+
+    t0 = time.time()
+    out: dict[str, np.ndarray] = {}
+    rng = np.random.default_rng(10)
+    cases = {"doc": np.array([1.0, 2.0, 3.0])}
+    weights = {"doc": np.array([0.2, 0.3, 0.5])}
+    for m in (2, 3, 5):
+        cases[f"m{m}"] = rng.uniform(0.5, 3.0, m)
+        weights[f"m{m}"] = rng.dirichlet(np.ones(m))
+    cases["mat"] = rng.uniform(0.5, 3.0, (2, 3))
+    weights["mat"] = rng.dirichlet(np.ones(6)).reshape(2, 3)
+    refs = {k: np.full(L.shape, 0.5) for k, L in cases.items()}
+    for k in cases:
+        out[f"L/{k}"] = cases[k]
+        out[f"weights/{k}"] = weights[k]
+        out[f"reference/{k}"] = refs[k]
+
+    def val_grad(sc, L, extra=None):
+        Lt = T(L).requires_grad_(True)
+        v = sc(Lt)
+        params = [Lt] + ([extra] if extra is not None else [])
+        grads = torch.autograd.grad(v, params)
+        return N(v), [N(g) for g in grads]
+
+    for k, L in cases.items():
+        w, ref = T(weights[k]), T(refs[k])
+        simple = {
+            "mean": S.Mean(),
+            "sum": S.Sum(),
+            "constant": S.Constant(w),
+            "geometricmean": S.GeometricMean(),
+            "cosmos_l1": S.COSMOS(1.0, w),
+            "cosmos_l0.5": S.COSMOS(0.5, w),
+            "stch_0.5": S.STCH(0.5),
+            "stch_0.5_w": S.STCH(0.5, w),
+            "stch_0.5_w_ref": S.STCH(0.5, w, reference=ref),
+            "stch_0.01_w": S.STCH(0.01, w),
+            "pbi_5": S.PBI(5.0, w),
+            "pbi_5_ref": S.PBI(5.0, w, reference=ref),
+        }
+        for sid, sc in simple.items():
+            v, (g,) = val_grad(sc, L)
+            out[f"{sid}/{k}/value"] = v
+            out[f"{sid}/{k}/grad"] = g
+
+        # Random: randn(numel) with L's dtype, seed 0
+        torch.manual_seed(0)
+        z = N(torch.randn(L.size, dtype=F64))
+        torch.manual_seed(0)
+        v, (g,) = val_grad(S.Random(), L)
+        out[f"random/{k}/draws"] = z
+        out[f"random/{k}/value"] = v
+        out[f"random/{k}/grad"] = g
+
+        # UW / IMTLL: at init (s = 0) and at a given s; grads w.r.t. L and s
+        s_rand = rng.normal(0.0, 0.5, L.shape)
+        for sid, cls, attr in [("uw", S.UW, "log_var"), ("imtll", S.IMTLL, "log_scale")]:
+            for suffix, s_val in (("0", np.zeros(L.shape)), ("", s_rand)):
+                sc = cls(L.shape).double()
+                with torch.no_grad():
+                    getattr(sc, attr).copy_(T(s_val))
+                v, (g, gs) = val_grad(sc, L, getattr(sc, attr))
+                key = f"{sid}{suffix}/{k}"
+                out[f"{key}/s"] = s_val
+                out[f"{key}/value"] = v
+                out[f"{key}/grad"] = g
+                out[f"{key}/grad_s"] = gs
+
+        # FAMO: 3 steps of (call on L_k, then update(Lnew_k)); logits after each update
+        for sid, min_l in (("famo", None), ("famo_min", 0.1 * L)):
+            sc = S.FAMO(L.shape, min_losses=None if min_l is None else T(min_l)).double()
+            if min_l is not None:
+                out[f"{sid}/{k}/min_losses"] = min_l
+            Lk = L.copy()
+            for step in range(3):
+                Lnew = Lk * rng.uniform(0.7, 1.05, L.shape)
+                if k == "doc" and step == 0:
+                    Lnew = np.array([0.5, 1.8, 2.9])
+                v, (g,) = val_grad(sc, Lk)
+                sc.update(T(Lnew))
+                pre = f"{sid}/{k}/step{step}"
+                out[f"{pre}/L"] = Lk
+                out[f"{pre}/value"] = v
+                out[f"{pre}/grad"] = g
+                out[f"{pre}/Lnew"] = Lnew
+                out[f"{pre}/logits"] = N(sc._w)
+                # next call: same L for the doc case at step 1 (published), else the new losses
+                Lk = L.copy() if (k == "doc" and step == 0) else Lnew
+
+        # DWA: a flat sequence of calls; step() called after the calls flagged step_after = 1
+        sc = S.DWA()
+        if k == "doc":
+            seq = [(np.array([0.8, 1.9, 3.0]), 1), (np.array([0.6, 1.8, 3.1]), 1), (L, 0),
+                   (L * 0.9, 1), (L * 0.8, 0)]
+        else:
+            seq = []
+            Lc = L.copy()
+            for epoch in range(4):
+                for b in range(2):
+                    Lc = Lc * rng.uniform(0.8, 1.05, L.shape)
+                    seq.append((Lc.copy(), int(b == 1)))
+        for i, (Li, flag) in enumerate(seq):
+            v, (g,) = val_grad(sc, Li)
+            pre = f"dwa/{k}/call{i}"
+            out[f"{pre}/L"] = Li
+            out[f"{pre}/value"] = v
+            out[f"{pre}/grad"] = g
+            out[f"{pre}/step_after"] = np.array(flag, dtype=np.int64)
+            if flag:
+                sc.step()
+
+    print("scalarization checks (methods.md §9.7):")
+    c = lambda k, e, a=1e-8: check(k, out[k], e, a)  # noqa: E731
+    c("mean/doc/value", 2); c("mean/doc/grad", [1 / 3] * 3)
+    c("sum/doc/value", 6); c("sum/doc/grad", [1, 1, 1])
+    c("constant/doc/value", 2.3); c("constant/doc/grad", [0.2, 0.3, 0.5])
+    c("geometricmean/doc/value", 1.817120593); c("geometricmean/doc/grad", [0.60570686, 0.30285343, 0.20190229])
+    c("cosmos_l1/doc/value", 1.302823535); c("cosmos_l1/doc/grad", [0.18451589, 0.31238729, 0.49690318])
+    c("stch_0.5/doc/value", 1.287467286); c("stch_0.5/doc/grad", [0.049445699, 0.096307072, 0.18758056])
+    c("stch_0.5_w/doc/value", 1.607383268); c("stch_0.5_w/doc/grad", [0.011983741, 0.04000546, 0.40336488])
+    c("stch_0.5_w_ref/doc/value", 1.382010431)
+    c("stch_0.5_w_ref/doc/grad", [0.015398907, 0.046514385, 0.38397876])
+    c("pbi_5/doc/value", 5.135971403); c("pbi_5/doc/grad", [-3.4219004, 3.7647146, 0.3428142], 1e-7)
+    c("uw0/doc/value", 3); c("uw0/doc/grad", [0.5] * 3)
+    c("imtll0/doc/value", 6); c("imtll0/doc/grad", [1] * 3)
+    c("famo/doc/step0/value", 0.9773233641); c("famo/doc/step0/grad", [0.54545454, 0.27272727, 0.18181818])
+    c("famo/doc/step0/logits", [-0.0249999982, 0.0249999956, 0.0249999969])
+    c("famo/doc/step1/value", 1.004032774); c("famo/doc/step1/grad", [0.53303221, 0.28018068, 0.18678712])
+    c("dwa/doc/call2/value", 6.14023039); c("dwa/doc/call2/grad", [0.92140133, 1.016967, 1.0616317], 1e-7)  # published to 7 digits
+    c("random/doc/value", 1.175839022); c("random/doc/grad", [0.84463421, 0.13489256, 0.020473229])
+    print(f"scalarization built in {time.time() - t0:.1f}s")
+    save("scalarization.npz", out)
+
+
+# --------------------------------------------------------------------------------------------
+# 5. autojac
+
+
+def autojac(Js):
+    from torch import nn
+
+    from torchjd.autojac import backward, jac, jac_to_grad, mtl_backward
+
+    t0 = time.time()
+    out: dict[str, np.ndarray] = {}
+    rng = np.random.default_rng(11)
+    x = rng.standard_normal((16, 10))
+    y = rng.standard_normal((16, 2))
+
+    # basic: Linear(10,5) -> ReLU -> Linear(5,2), one MSE loss per output column, 100 SGD steps
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(10, 5), nn.ReLU(), nn.Linear(5, 2)).double()
+    out["basic/x"] = x
+    out["basic/y"] = y
+    for pn, p in model.named_parameters():
+        out[f"basic/init/{pn}"] = N(p)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    xt, yt = T(x), T(y)
+    losses, weights = [], []
+    for step in range(100):
+        pred = model(xt)
+        l1 = ((pred[:, 0] - yt[:, 0]) ** 2).mean()
+        l2 = ((pred[:, 1] - yt[:, 1]) ** 2).mean()
+        opt.zero_grad()
+        backward([l1, l2])
+        if step == 0:
+            for pn, p in model.named_parameters():
+                out[f"basic/step0/jac/{pn}"] = N(p.jac)
+        w = jac_to_grad(model.parameters(), UPGrad())
+        if step == 0:
+            for pn, p in model.named_parameters():
+                out[f"basic/step0/grad/{pn}"] = N(p.grad)
+        opt.step()
+        losses.append([l1.item(), l2.item()])
+        weights.append(N(w))
+    out["basic/losses"] = np.array(losses)
+    out["basic/weights"] = np.array(weights)
+    for pn, p in model.named_parameters():
+        out[f"basic/final/{pn}"] = N(p)
+
+    # mtl: trunk Linear(10,8)+ReLU, heads Linear(8,1) x2; mtl_backward + jac_to_grad(trunk), 20 steps
+    torch.manual_seed(1)
+    trunk = nn.Sequential(nn.Linear(10, 8), nn.ReLU()).double()
+    head1 = nn.Linear(8, 1).double()
+    head2 = nn.Linear(8, 1).double()
+    mods = {"trunk": trunk, "head1": head1, "head2": head2}
+    out["mtl/x"] = x
+    out["mtl/y"] = y
+    for mn, mod in mods.items():
+        for pn, p in mod.named_parameters():
+            out[f"mtl/init/{mn}.{pn}"] = N(p)
+    params = [p for mod in mods.values() for p in mod.parameters()]
+    opt = torch.optim.SGD(params, lr=0.1)
+    losses, weights = [], []
+    for step in range(20):
+        feat = trunk(xt)
+        l1 = ((head1(feat)[:, 0] - yt[:, 0]) ** 2).mean()
+        l2 = ((head2(feat)[:, 0] - yt[:, 1]) ** 2).mean()
+        opt.zero_grad()
+        mtl_backward([l1, l2], features=feat)
+        w = jac_to_grad(trunk.parameters(), UPGrad())
+        if step == 0:
+            for mn, mod in mods.items():
+                for pn, p in mod.named_parameters():
+                    out[f"mtl/step0/grad/{mn}.{pn}"] = N(p.grad)
+        opt.step()
+        losses.append([l1.item(), l2.item()])
+        weights.append(N(w))
+    out["mtl/losses"] = np.array(losses)
+    out["mtl/weights"] = np.array(weights)
+    for mn, mod in mods.items():
+        for pn, p in mod.named_parameters():
+            out[f"mtl/final/{mn}.{pn}"] = N(p)
+
+    # documented examples (methods.md §9.8)
+    p = T([1.0, 2.0]).requires_grad_(True)
+    y1 = T([-1.0, 1.0]) @ p
+    y2 = (p**2).sum()
+    backward([y1, y2])
+    out["doc1/p"] = np.array([1.0, 2.0])
+    out["doc1/jac"] = N(p.jac)
+    out["doc1/weights"] = N(jac_to_grad([p], UPGrad()))
+    out["doc1/grad"] = N(p.grad)
+
+    W = T([[1.0, 2.0], [3.0, 4.0]]).requires_grad_(True)
+    b = T([0.5, -0.5]).requires_grad_(True)
+    y1 = W @ T([1.0, -1.0]) + b
+    y2 = (W**2).sum() + (b**2).sum()
+    jW, jb = jac([y1, y2], [W, b])
+    Jm = torch.cat([jW.reshape(3, -1), jb.reshape(3, -1)], dim=1)
+    out["doc2/W"] = np.array([[1.0, 2.0], [3.0, 4.0]])
+    out["doc2/b"] = np.array([0.5, -0.5])
+    out["doc2/jac_W"] = N(jW)
+    out["doc2/jac_b"] = N(jb)
+    out["doc2/gramian"] = N(Jm @ Jm.T)
+
+    xx = T([1.0, 2.0]).requires_grad_(True)
+    h = xx**2
+    y1 = h.sum()
+    y2 = T([1.0, -1.0]) @ h
+    (jh,) = jac([y1, y2], [h], retain_graph=True)
+    (jx,) = jac([h], [xx], jac_outputs=[jh])
+    out["doc3/x"] = np.array([1.0, 2.0])
+    out["doc3/jac"] = N(jx)
+
+    print("autojac checks (methods.md §9.8):")
+    c = lambda k, e, a=1e-12: check(k, out[k], e, a)  # noqa: E731
+    c("doc1/jac", [[-1, 1], [2, 4]]); c("doc1/grad", [0.5, 2.5], 1e-9); c("doc1/weights", [0.5, 0.5], 1e-9)
+    c("doc2/gramian", [[3, 0, -1], [0, 3, -3], [-1, -3, 122]])
+    c("doc3/jac", [[2, 4], [2, -4]])
+    print(f"  basic losses: step0 {out['basic/losses'][0]}, step99 {out['basic/losses'][-1]}")
+    print(f"  mtl losses: step0 {out['mtl/losses'][0]}, step19 {out['mtl/losses'][-1]}")
+    print(f"autojac built in {time.time() - t0:.1f}s")
+    save("autojac.npz", out)
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,0 +1,154 @@
+r"""Shared pieces of the dual-cone QP solvers.
+
+Every solver works on the LCP form of $\min_{v \geq u} \frac12 v^\top G v$: with
+$s = v - u$, find $s \geq 0$ with $w = G(u + s) \geq 0$ and $s \circ w = 0$. Lanes are
+the rows of `(k, m)` arrays, so a product with $G$ is one GEMM for all lanes.
+"""
+
+import itertools as it
+
+import jax.lax as lax
+import jax.numpy as jnp
+import numpy as np
+from jaxtyping import Array, Bool, Float
+
+
+def eps(dtype: jnp.dtype) -> float:
+    return float(jnp.finfo(dtype).eps)
+
+
+def jacobi_scale(
+    gramian: Float[Array, "m m"], lower: Float[Array, "k m"]
+) -> tuple[Float[Array, "m m"], Float[Array, "k m"], Float[Array, "1 m"]]:
+    r"""Exact Jacobi scaling: $\hat G = D G D$, $\hat u = D^{-1} u$, $v = D \hat v$.
+
+    With $D = \operatorname{diag}(G)^{-1/2}$ every coordinate has unit scale, so a
+    single sign-test tolerance fits all of them. A zero diagonal entry (a zero row of
+    $G$, possible with `reg_eps=0`) keeps the scale 1.
+    """
+    diag = jnp.diagonal(gramian)
+    positive = diag > 0
+    d = jnp.where(positive, lax.rsqrt(jnp.where(positive, diag, 1.0)), 1.0)
+    scaled = gramian * d[:, None] * d[None, :]
+    d = d[None, :]
+    return scaled, lower / d, d
+
+
+def natural_residual(
+    gramian: Float[Array, "m m"],
+    lower: Float[Array, "k m"],
+    solution: Float[Array, "k m"],
+) -> Float[Array, " k"]:
+    """The driver's `kkt_residual`, on whatever problem the solver holds."""
+    natural = jnp.minimum(solution - lower, solution @ gramian)
+    scale = jnp.maximum(1.0, jnp.max(jnp.abs(solution), axis=-1))
+    return jnp.max(jnp.abs(natural), axis=-1, initial=0.0) / scale
+
+
+def masked_system(
+    gramian: Float[Array, "m m"], free: Bool[Array, "k m"]
+) -> Float[Array, "k m m"]:
+    """$G$ on $F \\times F$ and the identity elsewhere, one matrix per lane."""
+    m = gramian.shape[0]
+    eye = jnp.eye(m, dtype=gramian.dtype)
+    both = free[:, :, None] & free[:, None, :]
+    return jnp.where(both, gramian[None], eye[None])
+
+
+def cho_solve(
+    factor: Float[Array, "k m m"], rhs: Float[Array, "k m"]
+) -> Float[Array, "k m"]:
+    # Row vectors: x (L L^T) = b, so solve y L^T = b, then x L = y.
+    y = lax.linalg.triangular_solve(
+        factor, rhs[:, None, :], left_side=False, lower=True, transpose_a=True
+    )
+    x = lax.linalg.triangular_solve(factor, y, left_side=False, lower=True)
+    return x[:, 0, :]
+
+
+def factor_free_set(
+    gramian: Float[Array, "m m"],
+    lower: Float[Array, "k m"],
+    free: Bool[Array, "k m"],
+    ridge: Float[Array, " k"],
+) -> tuple[Float[Array, "k m m"], Float[Array, "k m m"], Float[Array, "k m"]]:
+    """The masked system of `solve_on_free_set`, its right-hand side and the Cholesky
+    factor of the ridged system."""
+    system = masked_system(gramian, free)
+    rhs = jnp.where(free, -(lower @ gramian), 0.0)
+    eye = jnp.eye(gramian.shape[0], dtype=gramian.dtype)
+    ridged = system + jnp.where(free, ridge[:, None], 0.0)[:, :, None] * eye[None]
+    return jnp.linalg.cholesky(ridged), system, rhs
+
+
+def refine_solution(factor, system, rhs, s, steps: int):
+    """Iterative refinement against the unridged system with the ridged factor."""
+    for _ in range(steps):
+        residual = rhs - jnp.einsum("kij,kj->ki", system, s)
+        s = s + cho_solve(factor, residual)
+    return s
+
+
+def solve_on_free_set(
+    gramian: Float[Array, "m m"],
+    lower: Float[Array, "k m"],
+    free: Bool[Array, "k m"],
+    ridge: Float[Array, " k"],
+    refine: int = 2,
+) -> Float[Array, "k m"]:
+    r"""$s_F = -G_{FF}^{-1} (G u)_F$ and $s = 0$ off $F$, per lane, by masked Cholesky.
+
+    The factorisation is of $G_{FF} + \delta I$ with a tiny per-lane ridge $\delta$, so
+    it exists even when $G_{FF}$ is singular (`reg_eps=0` on a rank-deficient Jacobian;
+    the system is then consistent, since $(G u)_F \in \operatorname{range} G_{FF}$).
+    `refine` steps of iterative refinement against the unridged system remove the
+    ridge's bias. Lanes whose factorisation breaks down return non-finite values.
+    """
+    factor, system, rhs = factor_free_set(gramian, lower, free, ridge)
+    s = cho_solve(factor, rhs)
+    return refine_solution(factor, system, rhs, s, refine)
+
+
+def exact_on_free_set(
+    gramian: Float[Array, "m m"], lower: Float[Array, "k m"], free: Bool[Array, "k m"]
+) -> Float[Array, "k m"]:
+    """The exact solution $v = u + s$ for a guessed free set, with the guarded solve.
+
+    A lane whose factorisation fails at the smallest ridge is retried with a larger one.
+    """
+    k = lower.shape[0]
+    e = eps(gramian.dtype)
+    m = gramian.shape[0]
+    first = jnp.full((k,), 4 * m * e, gramian.dtype)
+    s = solve_on_free_set(gramian, lower, free, first)
+    ok = jnp.all(jnp.isfinite(s), axis=-1)
+
+    def _retry(s):
+        bigger = jnp.full((k,), jnp.sqrt(jnp.asarray(e, gramian.dtype)))
+        retry = solve_on_free_set(gramian, lower, free, bigger, refine=4)
+        return jnp.where(ok[:, None], s, retry)
+
+    s = lax.cond(jnp.all(ok), lambda s: s, _retry, s)
+    return lower + jnp.where(free, jnp.maximum(s, 0.0), 0.0)
+
+
+def enumerate_free_sets(
+    gramian: Float[Array, "m m"], lower: Float[Array, "k m"]
+) -> Float[Array, "k m"]:
+    r"""Exact solution for tiny $m$: try every one of the $2^m$ free sets.
+
+    Each lane keeps the candidate with the smallest natural KKT residual, which is the
+    solution (residual zero up to roundoff). No data-dependent loop.
+    """
+    k, m = lower.shape
+    masks = np.array(list(it.product([False, True], repeat=m)), dtype=bool)  # (2^m, m)
+    n_sets = masks.shape[0]
+    free = jnp.asarray(np.repeat(masks, k, axis=0))  # (2^m * k, m)
+    lanes = jnp.tile(lower, (n_sets, 1))
+    candidates = exact_on_free_set(gramian, lanes, free)
+    residual = natural_residual(gramian, lanes, candidates)
+    residual = jnp.where(jnp.isfinite(residual), residual, jnp.inf)
+    residual = residual.reshape(n_sets, k)
+    best = jnp.argmin(residual, axis=0)
+    candidates = candidates.reshape(n_sets, k, m)
+    return jnp.take_along_axis(candidates, best[None, :, None], axis=0)[0]

@@ -1,0 +1,296 @@
+"""UPGrad, DualProj, Mean, Sum, Constant, the wrappers and pytree aggregation."""
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.random as jr
+import numpy as np
+import pytest
+
+import eqxjd
+
+from .helpers import (
+    conflicting,
+    finite_difference_jvp,
+    jacobian_kinds,
+    low_rank,
+    rel_err,
+)
+
+
+SOLVERS = ("bpp", "nesterov_pgd", "qpax")
+J_BASE = np.array([[-4.0, 1.0, 1.0], [6.0, 1.0, 1.0]])
+J_5X7 = np.random.RandomState(0).randn(5, 7)
+J_KRUM = np.array(
+    [[1, 1, 1], [1, 0, 1], [75, -666, 23], [1, 2, 3], [2, 0, 1]], dtype=np.float64
+)
+
+# TorchJD 0.18.0, float64 (methods.md §9.2-9.4): (aggregator, J, d, w).
+PUBLISHED = [
+    ("upgrad", J_BASE, [0.2929020002, 1.900352078, 1.900352078], [1.110921047, 0.7894310312]),
+    ("dualproj", J_BASE, [0.5563158129, 1.110921047, 1.110921047], [0.6109210468, 0.5]),
+    ("upgrad_pref", J_BASE, [1.698435626, 6.02254625, 6.02254625], [3.443684187, 2.578862062]),
+    ("dualproj_pref", J_BASE, [2.225263251, 4.443684187, 4.443684187], [2.443684187, 2.0]),
+    (
+        "upgrad",
+        J_5X7,
+        [0.9165312994, 0.6849870014, 0.6194725098, 1.157813288, 0.7068130482,
+         -0.4273037019, -0.4375797466],
+        [0.2, 0.5897231645, 0.2207460623, 0.2528101517, 0.2542813742],
+    ),
+    (
+        "dualproj",
+        J_5X7,
+        [0.848591236, 0.5928815305, 0.4592395929, 0.96553913, 0.2585495553,
+         -0.601074769, -0.4032644762],
+        [0.2, 0.2, 0.2, 0.2, 0.2],
+    ),
+    (
+        "upgrad",
+        J_KRUM,
+        [21.78351099, -123.5582759, 19.21658069],
+        [2.088108311, 0.2, 0.2007808696, 4.036837458, 0.2],
+    ),
+    (
+        "dualproj",
+        J_KRUM,
+        [21.2789313, -123.7129988, 18.29507118],
+        [1.87086136, 0.2, 0.2, 3.808069941, 0.2],
+    ),
+]
+
+
+def _make(name, solver="bpp", **kwargs):
+    pref = jnp.array([1.0, 2.0]) if name.endswith("_pref") else None
+    cls = eqxjd.UPGrad if name.startswith("upgrad") else eqxjd.DualProj
+    return cls(pref_vector=pref, solver=solver, **kwargs)
+
+
+@pytest.mark.parametrize("solver", SOLVERS)
+@pytest.mark.parametrize("case", range(len(PUBLISHED)))
+def test_published_torchjd_values(solver, case):
+    name, matrix, d, w = PUBLISHED[case]
+    agg = _make(name, solver)
+    J = jnp.asarray(matrix)
+    assert rel_err(agg(J), d) < 1e-8
+    assert rel_err(agg.weights(J), w) < 1e-8
+
+
+def test_quick_start_float32():
+    J = jnp.array([[-4.0, 1.0, 1.0], [6.0, 1.0, 1.0]], dtype=jnp.float32)
+    out = eqxjd.UPGrad(solver="nesterov_pgd")(J)
+    assert out.dtype == jnp.float32
+    np.testing.assert_allclose(out, [0.2929, 1.9004, 1.9004], atol=1e-4)
+
+
+def test_mean_sum_constant_values():
+    J = jnp.asarray(J_BASE)
+    np.testing.assert_allclose(eqxjd.Mean()(J), [1.0, 1.0, 1.0])
+    np.testing.assert_allclose(eqxjd.Sum()(J), [2.0, 2.0, 2.0])
+    np.testing.assert_allclose(eqxjd.Constant(jnp.array([1.0, 2.0]))(J), [8.0, 3.0, 3.0])
+    J5 = jnp.asarray(J_5X7)
+    expected = [13.07129808, 11.99928113, 4.088249254, 12.88333664, -4.541083328,
+                -11.73843792, -8.953827144]
+    assert rel_err(eqxjd.Constant(jnp.arange(1.0, 6.0))(J5), expected) < 1e-8
+
+
+AGGREGATORS = (
+    eqxjd.UPGrad(),
+    eqxjd.UPGrad(solver="nesterov_pgd"),
+    eqxjd.UPGrad(solver="qpax"),
+    eqxjd.DualProj(),
+    eqxjd.Mean(),
+    eqxjd.Sum(),
+)
+NON_CONFLICTING = AGGREGATORS[:4]
+
+
+@pytest.mark.parametrize("agg", AGGREGATORS)
+def test_structure_dtype_jit_vmap(agg, getkey):
+    for dtype in (jnp.float32, jnp.float64):
+        J = jr.normal(getkey(), (4, 6), dtype)
+        out = agg(J)
+        assert out.shape == (6,) and out.dtype == dtype
+        assert jnp.all(jnp.isfinite(out))
+        np.testing.assert_allclose(eqx.filter_jit(agg)(J), out, rtol=1e-5, atol=1e-6)
+    batch = jr.normal(getkey(), (3, 4, 6))
+    looped = jnp.stack([agg(J) for J in batch])
+    np.testing.assert_allclose(eqx.filter_vmap(agg)(batch), looped, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("agg", AGGREGATORS)
+def test_no_retrace(agg, getkey):
+    @eqx.filter_jit
+    @eqx.debug.assert_max_traces(max_traces=1)
+    def step(agg, J):
+        return agg(J)
+
+    for _ in range(3):
+        step(agg, jr.normal(getkey(), (4, 5)))
+
+
+@pytest.mark.parametrize("agg", NON_CONFLICTING)
+def test_non_conflicting(agg, getkey):
+    # The multiplier of the regularised QP is non-negative: G w / tr(G) + reg_eps w >= 0,
+    # so J A(J) = G w >= -reg_eps tr(G) w exactly (and >= 0 when reg_eps = 0).
+    for name, J in jacobian_kinds(getkey()).items():
+        w, y = agg.weights(J), J @ agg(J)
+        trace = jnp.sum(J**2)
+        assert jnp.all(y >= -1e-4 * trace * w - 1e-12 * trace), name
+
+
+@pytest.mark.parametrize("agg", NON_CONFLICTING + (eqxjd.Mean(),))
+def test_permutation_invariant(agg, getkey):
+    for name, J in jacobian_kinds(getkey()).items():
+        perm = jr.permutation(getkey(), J.shape[0])
+        np.testing.assert_allclose(agg(J[perm]), agg(J), rtol=1e-7, atol=1e-9, err_msg=name)
+
+
+@pytest.mark.parametrize("solver", SOLVERS)
+def test_upgrad_linear_under_scaling(solver, getkey):
+    # Positive row scaling leaves the dual cone unchanged, so without the ridge (which is
+    # relative to tr G) c -> A(diag(c) J) is exactly linear on c >= 0.
+    agg = eqxjd.UPGrad(reg_eps=0.0, solver=solver)
+    J = jr.normal(getkey(), (5, 8))
+    for _ in range(3):
+        c1, c2 = jr.uniform(getkey(), (2, 5), minval=0.1)
+        a, b = jr.uniform(getkey(), (2,))
+        lhs = agg((a * c1 + b * c2)[:, None] * J)
+        rhs = a * agg(c1[:, None] * J) + b * agg(c2[:, None] * J)
+        np.testing.assert_allclose(lhs, rhs, rtol=1e-7, atol=1e-9)
+
+
+def test_strongly_stationary_property(getkey):
+    # A(J) = 0 only if J is strongly stationary: non-zero on non-stationary Jacobians.
+    for agg in NON_CONFLICTING:
+        # Full row rank (m <= n): not even weakly stationary.
+        for J in (jr.normal(getkey(), (3, 5)), jr.normal(getkey(), (4, 6))):
+            assert jnp.linalg.norm(agg(J)) > 5e-3
+
+
+# NesterovPGD needs too many steps on singular Gramians and reports it (test_solvers).
+@pytest.mark.parametrize("solver", ("bpp", "qpax"))
+def test_reg_eps_zero_is_exactly_non_conflicting(solver, getkey):
+    agg = eqxjd.UPGrad(reg_eps=0.0, solver=solver)
+    for J in (low_rank(getkey(), 8, 20, 2), low_rank(getkey(), 10, 6, 3, spread=100.0)):
+        y = J @ agg(J)
+        assert jnp.all(y >= -1e-10 * jnp.linalg.norm(J) ** 2)
+
+
+def test_special_cases():
+    upgrad, dualproj = eqxjd.UPGrad(), eqxjd.DualProj()
+    zero = jnp.zeros((3, 4))
+    np.testing.assert_allclose(upgrad.weights(zero), jnp.full(3, 1 / 3))
+    np.testing.assert_allclose(upgrad(zero), jnp.zeros(4))
+    dup = jnp.array([[1.0, 0.0], [1.0, 0.0]])
+    np.testing.assert_allclose(upgrad.weights(dup), [0.5, 0.5], atol=1e-12)
+    anti = jnp.array([[1.0, 0.0], [-1.0, 0.0]])
+    np.testing.assert_allclose(upgrad(anti), [0.0, 0.0], atol=1e-12)
+    np.testing.assert_allclose(dualproj.weights(anti), [0.5, 0.5], atol=1e-12)
+    single = jnp.array([[1.0, 2.0, 3.0]])
+    np.testing.assert_allclose(upgrad(single), single[0])
+    # The tiny-Jacobian cliff of TorchJD: ||J||_F^2 < norm_eps gives the mean.
+    tiny = jnp.asarray(J_BASE) * 1e-3
+    np.testing.assert_allclose(upgrad(tiny), jnp.full(3, 1e-3), rtol=1e-12)
+    np.testing.assert_allclose(dualproj(tiny), jnp.full(3, 1e-3), rtol=1e-12)
+
+
+@pytest.mark.parametrize("agg", AGGREGATORS)
+def test_empty_and_nan(agg):
+    np.testing.assert_array_equal(agg(jnp.zeros((0, 3))), jnp.zeros(3))
+    assert agg(jnp.zeros((2, 0))).shape == (0,)
+    J = jnp.asarray(J_BASE).at[0, 1].set(jnp.nan)
+    assert jnp.all(jnp.isnan(agg(J))[1])
+
+
+@pytest.mark.parametrize("agg", AGGREGATORS)
+def test_bad_input(agg):
+    for bad in (jnp.zeros(3), jnp.zeros((2, 3, 4)), jnp.zeros(())):
+        with pytest.raises((TypeError, ValueError)):
+            agg(bad)
+    with pytest.raises((TypeError, ValueError)):
+        agg(jnp.zeros((2, 3), jnp.int32))
+
+
+def test_bad_hyperparameters():
+    with pytest.raises((TypeError, ValueError)):
+        eqxjd.UPGrad(pref_vector=jnp.ones((2, 2)))
+    with pytest.raises((TypeError, ValueError)):
+        eqxjd.UPGrad(pref_vector=jnp.ones(3))(jnp.ones((2, 4)))
+    with pytest.raises((TypeError, ValueError)):
+        eqxjd.DualProj(norm_eps=-1.0)
+    with pytest.raises((TypeError, ValueError)):
+        eqxjd.UPGrad(reg_eps=-1.0)
+    with pytest.raises((TypeError, ValueError)):
+        eqxjd.UPGrad(solver="quadprog")  # pyright: ignore[reportArgumentType]
+    with pytest.raises((TypeError, ValueError)):
+        eqxjd.Constant(jnp.ones((2, 2)))
+    with pytest.raises((TypeError, ValueError)):
+        eqxjd.Constant(jnp.ones(3))(jnp.ones((2, 4)))
+
+
+def test_solver_name_and_instance_agree(getkey):
+    J = conflicting(getkey(), 6, 5)
+    for name, cls in (("bpp", eqxjd.BPP), ("nesterov_pgd", eqxjd.NesterovPGD)):
+        np.testing.assert_allclose(
+            eqxjd.UPGrad(solver=name)(J), eqxjd.UPGrad(solver=cls())(J), rtol=1e-12
+        )
+
+
+def test_wrappers_match():
+    J = jnp.asarray(J_5X7)
+    gwa = eqxjd.GramianWeightedAggregator(eqxjd.UPGradWeighting())
+    np.testing.assert_allclose(gwa(J), eqxjd.UPGrad()(J), rtol=1e-14)
+    wa = eqxjd.WeightedAggregator(eqxjd.MeanWeighting())
+    np.testing.assert_allclose(wa(J), eqxjd.Mean()(J), rtol=1e-14)
+    # Kind-M weightings that only read m accept a Gramian too.
+    np.testing.assert_allclose(eqxjd.MeanWeighting()(J @ J.T), jnp.full(5, 0.2))
+
+
+def test_nondifferentiable_by_default(getkey):
+    J = jr.normal(getkey(), (4, 5))
+    grad = jax.grad(lambda J: jnp.sum(eqxjd.UPGrad()(J) ** 2))(J)
+    np.testing.assert_array_equal(grad, jnp.zeros_like(J))
+    grad_mean = jax.grad(lambda J: jnp.sum(eqxjd.Mean()(J) ** 2))(J)
+    assert jnp.any(grad_mean != 0)
+
+
+@pytest.mark.parametrize("cls", (eqxjd.UPGrad, eqxjd.DualProj))
+def test_differentiable_matches_finite_differences(cls, getkey):
+    agg = cls(differentiable=True)
+    f = lambda J: jnp.sum(agg(J) ** 2)
+    for J in (jr.normal(getkey(), (5, 20)), conflicting(getkey(), 5, 8)):
+        tangent = jr.normal(getkey(), J.shape)
+        ad = jnp.vdot(jax.grad(f)(J), tangent)
+        fd = finite_difference_jvp(f, (J,), (tangent,), eps=1e-6)
+        assert abs(ad - fd) < 1e-5 * max(1.0, abs(fd))
+        # Forward mode agrees with reverse mode.
+        _, jvp = jax.jvp(f, (J,), (tangent,))
+        np.testing.assert_allclose(jvp, ad, rtol=1e-8)
+    # Same value as the non-differentiable default.
+    np.testing.assert_allclose(agg(J), cls()(J), rtol=1e-10)
+
+
+def _tree(J):
+    return {"a": J[:, :2].reshape(J.shape[0], 2, 1), "b": (J[:, 2:5], J[:, 5:])}
+
+
+@pytest.mark.parametrize("agg", AGGREGATORS[:1] + AGGREGATORS[3:])
+def test_pytree_aggregation_equals_flat(agg, getkey):
+    J = jr.normal(getkey(), (4, 9))
+    tree = _tree(J)
+    flat = agg(J)
+    out = eqxjd.aggregate(agg, tree)
+    expected = _tree(flat[None])
+    expected = jax.tree.map(lambda x: x[0], expected)
+    assert eqx.tree_equal(out, expected, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(eqxjd.tree_gramian(tree), J @ J.T, rtol=1e-12)
+
+
+def test_pytree_bad_input():
+    with pytest.raises(ValueError, match="same leading size"):
+        eqxjd.aggregate(eqxjd.UPGrad(), {"a": jnp.ones((2, 3)), "b": jnp.ones((3, 3))})
+    with pytest.raises(ValueError, match="leading axis"):
+        eqxjd.aggregate(eqxjd.UPGrad(), {"a": jnp.ones(())})
+    with pytest.raises(ValueError, match="no array leaves"):
+        eqxjd.aggregate(eqxjd.UPGrad(), {})

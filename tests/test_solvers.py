@@ -1,0 +1,379 @@
+"""The batched dual-cone QP solvers: exactness (KKT and quadprog), convergence
+reporting, jit / vmap, invariances, general lower bounds."""
+
+import equinox as eqx
+import eqxjd
+import jax
+import jax.numpy as jnp
+import jax.random as jr
+import numpy as np
+import pytest
+from eqxjd._dual_cone import project_onto_dual_cone
+from eqxjd._solver.base import to_solver
+from eqxjd._solver.common import enumerate_free_sets
+
+from .helpers import conflicting, jacobian_kinds, load_reference, low_rank, rel_err
+
+
+SOLVERS = ("bpp", "nesterov_pgd", "qpax")
+
+
+@eqx.filter_jit
+def _project(gramian, lower, solver, reg_eps):
+    return project_onto_dual_cone(
+        gramian, lower, solver=solver, reg_eps=reg_eps, throw=False
+    )
+
+
+@eqx.filter_jit
+def _solve(solver, gramian, lower):
+    return solver.solve(gramian, lower)
+
+
+def _scaled_gramian(jacobian, reg_eps=1e-4, norm_eps=1e-4):
+    """The problem the solvers see (float64 numpy): normalised, regularised, unit mean
+    diagonal."""
+    j = np.asarray(jacobian, np.float64)
+    g = j @ j.T
+    trace = np.trace(g)
+    g = np.zeros_like(g) if trace < norm_eps else g / trace
+    g = g + reg_eps * np.eye(g.shape[0])
+    mean = np.trace(g) / g.shape[0]
+    return g / mean if mean > 0 else g
+
+
+def _natural_residual(g, lower, v):
+    natural = np.minimum(v - lower, v @ g)
+    scale = np.maximum(1.0, np.max(np.abs(v), axis=-1))
+    return float(np.max(np.max(np.abs(natural), axis=-1) / scale))
+
+
+# --- KKT on every kind, for every solver ----------------------------------------------
+
+
+def _kinds(key):
+    # tests.helpers.conflicting relies on rank promotion.
+    with jax.numpy_rank_promotion("allow"):
+        return jacobian_kinds(key)
+
+
+def _pad(g, lanes, size):
+    """Embeds an m-dimensional problem in a `size`-dimensional one (a decoupled
+    identity block with zero bounds, whose solution is 0): one compilation for all m."""
+    m = g.shape[0]
+    big = np.eye(size)
+    big[:m, :m] = g
+    big_lanes = np.zeros((size, size))
+    big_lanes[: lanes.shape[0], :m] = lanes
+    return big, big_lanes
+
+
+def _solve_batch(solver, problems, size):
+    # A loop over padded problems: one compilation per size. (Under vmap, every
+    # problem would run as many steps as the slowest one.)
+    out, results = [], []
+    for g, lanes in problems:
+        big, big_lanes = _pad(g, lanes, size)
+        v, result = _solve(solver, jnp.asarray(big), jnp.asarray(big_lanes))
+        v = np.asarray(v)
+        m = g.shape[0]
+        assert np.max(np.abs(v[:, m:]), initial=0.0) < 1e-14
+        out.append(v[: lanes.shape[0], :m])
+        results.append(result == eqxjd.RESULTS.successful)
+    return out, jnp.array(results)
+
+
+@eqx.filter_jit
+def _batched_solve(solver, gramians, lowers):
+    return jax.vmap(solver.solve)(gramians, lowers)
+
+
+@pytest.mark.parametrize("solver", SOLVERS)
+def test_kkt_on_every_kind(solver):
+    solver = to_solver(solver)
+    kinds = _kinds(jr.key(0))
+    problems, names = [], []
+    # reg_eps = 0 makes kappa unbounded: accelerated PGD then needs far more steps than
+    # its budget (it reports max_steps_reached, tested below), so only the pivoting
+    # solvers are held to it here.
+    regs = (1e-4,) if isinstance(solver, eqxjd.NesterovPGD) else (1e-4, 0.0)
+    for reg_eps in regs:
+        for name, jacobian in kinds.items():
+            if name == "zero" and reg_eps == 0:
+                continue  # G = 0: handled by the driver (see test_zero_gramian)
+            m = jacobian.shape[0]
+            problems.append((_scaled_gramian(jacobian, reg_eps), np.eye(m)))
+            names.append((name, reg_eps))
+    solutions, results = _solve_batch(solver, problems, 9)
+    assert bool(jnp.all(results)), results
+    for (g, lanes), v, name in zip(problems, solutions, names):
+        assert np.all(np.isfinite(v)), name
+        residual = _natural_residual(g, lanes, v)
+        assert residual <= 1e-10, (name, residual)
+
+
+def test_zero_gramian():
+    for name in SOLVERS:
+        v = _project(jnp.zeros((4, 4)), jnp.eye(4), to_solver(name), jnp.asarray(0.0))
+        assert jnp.array_equal(v, jnp.eye(4))
+
+
+# --- exactness against quadprog (TorchJD's solver) ------------------------------------
+
+
+_QP_NAMES = {
+    "bpp": None,  # every fixture
+    "nesterov_pgd": (
+        "normal_4",
+        "normal_6",
+        "strong_1",
+        "nonweak_3",
+        "illcond_1",
+        "illcond_6",
+        "mgtn_0",
+        "corr_1",
+        "base",
+        "5x7",
+    ),
+    "qpax": ("normal_4", "normal_6", "strong_1", "illcond_1", "corr_1", "base", "5x7"),
+}
+
+
+def _in_group(m, size):
+    return m <= 16 if size == 16 else 16 < m <= size
+
+
+@pytest.mark.parametrize("solver", SOLVERS)
+def test_quadprog_reference(solver):
+    data = load_reference("foundation")
+    names = _QP_NAMES[solver]
+    if names is None:
+        names = sorted(k.split("/")[1] for k in data if k.startswith("qp/"))
+    solver = to_solver(solver)
+    worst = {}
+    for size in (16, 64):
+        group = [n for n in names if _in_group(data[f"J/{n}"].shape[0], size)]
+        if not group:
+            continue
+        problems = []
+        for name in group:
+            m = data[f"J/{name}"].shape[0]
+            problems.append((_scaled_gramian(data[f"J/{name}"]), np.eye(m)))
+        solutions, results = _solve_batch(solver, problems, size)
+        assert bool(jnp.all(results))
+        for name, v in zip(group, solutions):
+            m = v.shape[0]
+            # Homogeneity: the reference lanes are e_i / m.
+            worst[name] = rel_err(v / m, data[f"qp/{name}/V"])
+    assert max(worst.values()) <= 1e-9, worst
+
+
+def test_quadprog_reference_m128():
+    data = load_reference("foundation_large")
+    for name in ("illcond_4",):
+        jacobian = jnp.asarray(data[f"J/{name}"])
+        m = jacobian.shape[0]
+        v = _project(
+            jacobian @ jacobian.T, jnp.eye(m) / m, eqxjd.BPP(), jnp.asarray(1e-4)
+        )
+        assert rel_err(v, data[f"qp/{name}/V"]) <= 1e-9, name
+
+
+def test_quadprog_reference_unregularised():
+    # qp0: norm_eps = reg_eps = 0 on full-rank Jacobians, through the driver.
+    data = load_reference("foundation")
+    for name in ("normal_5",):
+        jacobian = jnp.asarray(data[f"J/{name}"])
+        m = jacobian.shape[0]
+        v = _project(
+            jacobian @ jacobian.T, jnp.eye(m) / m, eqxjd.BPP(), jnp.asarray(0.0)
+        )
+        # norm_eps = 1e-4 is inactive here (trace >> 1e-4).
+        assert rel_err(v, data[f"qp0/{name}/V"]) <= 1e-9, name
+
+
+@pytest.mark.parametrize("solver", SOLVERS)
+def test_float32(solver):
+    # Without x64 the QP is solved in float32: the floor is about kappa * eps.
+    data = load_reference("foundation")
+    solver = to_solver(solver)
+    names = ("normal_4", "normal_6", "5x7")
+    gs, ls = zip(
+        *[
+            _pad(_scaled_gramian(data[f"J/{n}"]), np.eye(data[f"J/{n}"].shape[0]), 16)
+            for n in names
+        ]
+    )
+    vs, results = _batched_solve(
+        solver,
+        jnp.asarray(np.stack(gs), jnp.float32),
+        jnp.asarray(np.stack(ls), jnp.float32),
+    )
+    assert vs.dtype == jnp.float32
+    assert bool(jnp.all(results == eqxjd.RESULTS.successful))
+    for name, v in zip(names, np.asarray(vs, np.float64)):
+        m = data[f"J/{name}"].shape[0]
+        # The reference lanes are e_i / m; rescale by homogeneity.
+        assert rel_err(v[:m, :m] / m, data[f"qp/{name}/V"]) <= 1e-4, name
+
+
+# --- reg_eps = 0: exactly non-conflicting on rank-deficient Jacobians -----------------
+
+
+@pytest.mark.parametrize("solver", ("bpp", "qpax"))
+def test_reg_eps_zero_rank_deficient_is_non_conflicting(solver):
+    upgrad = eqx.filter_jit(eqxjd.UPGrad(reg_eps=0.0, solver=solver))
+    kinds = _kinds(jr.key(2))
+    # Duplicated rows: G is exactly singular, G_FF can be singular; the guard decides.
+    base = jr.normal(jr.key(3), (3, 10))
+    duplicated = jnp.concatenate([base, base, -base[:1], base[1:2] + base[2:3]], axis=0)
+    for name, jacobian in (
+        ("low_rank", kinds["low_rank"]),
+        ("low_rank_spread", kinds["low_rank_spread"]),
+        ("duplicated", duplicated),
+    ):
+        d = upgrad(jacobian)
+        assert bool(jnp.all(jnp.isfinite(d))), name
+        scale = float(jnp.max(jnp.linalg.norm(jacobian, axis=1)) * jnp.linalg.norm(d))
+        assert float(jnp.min(jacobian @ d)) >= -1e-10 * max(scale, 1e-300), name
+
+
+# --- convergence reporting ------------------------------------------------------------
+
+
+def _hard_gramian():
+    jacobian = low_rank(jr.key(4), 8, 10, 3, spread=100.0)
+    return jnp.asarray(_scaled_gramian(jacobian)), jacobian
+
+
+@pytest.mark.parametrize(
+    "solver",
+    [
+        eqxjd.BPP(max_steps=1),
+        eqxjd.NesterovPGD(max_steps=10, check_every=10),
+        eqxjd.QPax(max_iter=2, polish_steps=0),
+    ],
+)
+def test_max_steps_reached(solver):
+    g, jacobian = _hard_gramian()
+    m = g.shape[0]
+    _, result = _solve(solver, g, jnp.eye(m))
+    assert result == eqxjd.RESULTS.max_steps_reached
+    with pytest.raises(eqx.EquinoxRuntimeError):
+        eqx.filter_jit(eqxjd.UPGrad(solver=solver))(jacobian).block_until_ready()
+    d = eqx.filter_jit(eqxjd.UPGrad(solver=solver, throw=False))(jacobian)
+    assert d.shape == (jacobian.shape[1],)
+
+
+def test_nonfinite_does_not_hang():
+    g = jnp.full((4, 4), jnp.nan)
+    for name in SOLVERS:
+        v, _ = _solve(to_solver(name), g, jnp.eye(4))
+        assert v.shape == (4, 4)
+    jacobian = jnp.ones((4, 3)).at[0, 0].set(jnp.nan)
+    d = eqx.filter_jit(eqxjd.UPGrad(throw=False))(jacobian)
+    assert bool(jnp.all(jnp.isnan(d)))
+
+
+# --- construction ---------------------------------------------------------------------
+
+
+def test_names_and_instances_agree():
+    jacobian = _kinds(jr.key(5))["conflicting"]
+    for name, cls in (
+        ("bpp", eqxjd.BPP),
+        ("nesterov_pgd", eqxjd.NesterovPGD),
+        ("qpax", eqxjd.QPax),
+    ):
+        assert isinstance(to_solver(name), cls)
+        by_name = eqx.filter_jit(eqxjd.UPGrad(solver=name))(jacobian)
+        by_instance = eqx.filter_jit(eqxjd.UPGrad(solver=cls()))(jacobian)
+        assert jnp.array_equal(by_name, by_instance), name
+    # The jaxtyping hook may reject the name first (TypeError).
+    with pytest.raises((TypeError, ValueError)):
+        to_solver("cvxpy")
+    with pytest.raises((TypeError, ValueError)):
+        eqxjd.UPGrad(solver="cvxpy")  # pyright: ignore[reportArgumentType]
+
+
+def test_invalid_knobs():
+    with pytest.raises(ValueError):
+        eqxjd.BPP(max_steps=0)
+    with pytest.raises(ValueError):
+        eqxjd.NesterovPGD(check_every=0)
+    with pytest.raises(ValueError):
+        eqxjd.NesterovPGD(rtol=-1.0)
+    with pytest.raises(ValueError):
+        eqxjd.QPax(max_iter=0)
+
+
+# --- jit, vmap, retracing -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("solver", SOLVERS)
+def test_vmap_and_no_retrace(solver):
+    solver = to_solver(solver)
+    keys = jr.split(jr.key(6), 3)
+    jacobians = jnp.stack([conflicting(k, 6, 5) for k in keys])
+    gramians = jnp.einsum("bmn,bkn->bmk", jacobians, jacobians)
+    lower = jnp.eye(6)
+
+    @eqx.filter_jit
+    @eqx.debug.assert_max_traces(max_traces=1)
+    def batched(gramians):
+        return jax.vmap(
+            lambda g: project_onto_dual_cone(g, lower, solver=solver, throw=False)
+        )(gramians)
+
+    out = batched(gramians)
+    loop = jnp.stack([_project(g, lower, solver, jnp.asarray(1e-4)) for g in gramians])
+    assert rel_err(out, loop) <= 1e-12
+    batched(gramians * 2.0)  # new values, no retrace
+
+
+# --- invariances and general lower bounds ---------------------------------------------
+
+
+@pytest.mark.parametrize("solver", SOLVERS)
+def test_scale_invariance_and_homogeneity(solver):
+    solver = to_solver(solver)
+    jacobian = low_rank(jr.key(7), 8, 10, 3, spread=100.0)
+    g = jnp.asarray(_scaled_gramian(jacobian))
+    lower = jnp.eye(8)
+    v, _ = _solve(solver, g, lower)
+    for factor in (2.0**-4, 2.0**4):
+        v_scaled, _ = _solve(solver, g * factor, lower)
+        assert rel_err(v_scaled, v) <= 1e-10
+    v_homog, _ = _solve(solver, g, 0.5 * lower)
+    assert rel_err(v_homog, 0.5 * v) <= 1e-10
+
+
+@pytest.mark.parametrize("solver", SOLVERS)
+def test_general_lower_bounds(solver):
+    # DualProj-like lanes of mixed sign, checked against exhaustive enumeration (exact).
+    solver = to_solver(solver)
+    jacobian = conflicting(jr.key(8), 6, 5)
+    g = jnp.asarray(_scaled_gramian(jacobian))
+    lower = jr.normal(jr.key(9), (5, 6))
+    lower = lower / jnp.max(jnp.abs(lower), axis=-1, keepdims=True)
+    lower = jnp.concatenate([lower, -jnp.abs(lower[:1])], axis=0)  # a lane with u <= 0
+    v, result = _solve(solver, g, lower)
+    assert result == eqxjd.RESULTS.successful
+    reference = enumerate_free_sets(g, lower)
+    assert rel_err(v, reference) <= 1e-10
+    assert float(jnp.max(jnp.abs(v[-1]))) <= 1e-12
+    assert _natural_residual(np.asarray(g), np.asarray(lower), np.asarray(v)) <= 1e-10
+
+
+def test_small_m_closed_form():
+    # m = 2: V_1 = [1, max(0, -b/c)], V_2 = [max(0, -b/a), 1]; TorchJD's documented
+    # weights.
+    jacobian = jnp.array([[-4.0, 1.0, 1.0], [6.0, 1.0, 1.0]])
+    for name in SOLVERS:
+        w = eqxjd.UPGradWeighting(solver=name)(jacobian @ jacobian.T)
+        assert rel_err(w, jnp.array([1.1109, 0.7894])) <= 1e-4
+    g = jnp.array([[1.0, -0.5], [-0.5, 2.0]])
+    v, result = _solve(eqxjd.BPP(), g, jnp.eye(2))
+    expected = jnp.array([[1.0, 0.25], [0.5, 1.0]])
+    assert result == eqxjd.RESULTS.successful
+    assert rel_err(v, expected) <= 1e-14
