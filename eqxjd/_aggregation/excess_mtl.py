@@ -1,0 +1,149 @@
+from typing import ClassVar
+
+import equinox as eqx
+import jax
+import jax.lax as lax
+import jax.numpy as jnp
+from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
+
+from .._aggregator import AbstractStatefulWeightedAggregator
+from .._custom_types import ScalarLike, State
+from .._misc import check_matrix
+from .._weighting import AbstractStatefulWeighting
+from .modern_common import check_range, check_scalar, check_state_shape
+
+
+class _ExcessMTLState(eqx.Module):
+    sq_grad_sum: Float[Array, "m n"]
+    warmup_sum: Float[Array, " m"]
+    weights: Float[Array, " m"]
+    baseline: Float[Array, " m"]
+    has_baseline: Bool[Array, ""]
+    n_steps: Int[Array, ""]
+
+
+class ExcessMTLWeighting(AbstractStatefulWeighting):
+    r"""The weighting of [`eqxjd.ExcessMTL`][]; reads the Jacobian $J$ (not only the
+    Gramian). At each call, with $Q = J \odot J$:
+
+    $$S \leftarrow S + Q,\qquad e_i = \sum_k \frac{Q_{ik}}{\sqrt{S_{ik} + 10^{-7}}}$$
+
+    ($e$ is the excess-risk proxy $g_i^\top H_i^{-1} g_i$ with the diagonal AdaGrad
+    Hessian $H = \sqrt S$, Equations 6-7). During the first `n_warmup_steps` calls the
+    weights stay uniform and $e$ is summed; afterwards $e$ is divided by the baseline
+    $e_0 + 10^{-7}$ (the warm-up average, or, without warm-up, the first call's $e$,
+    which is then used raw on that call), and
+
+    $$w \leftarrow \operatorname{softmax}(\log w + \eta\, e)$$
+
+    (Equation 9, exponentiated gradient; $w_0 = 1/m$). Stateful ($S \in
+    \mathbb{R}^{m \times n}$: memory $O(mn)$, plus the warm-up sum, the weights, the
+    baseline and the step count). Not differentiable.
+
+    He et al., *Robust Multi-Task Learning with Excess Risks*, ICML 2024,
+    [arXiv:2402.02009](https://arxiv.org/abs/2402.02009).
+    """
+
+    robust_step_size: ScalarLike = 1.0
+    n_warmup_steps: int = eqx.field(default=0, static=True)
+
+    differentiable: ClassVar[bool] = False
+
+    def __check_init__(self):
+        check_scalar(self.robust_step_size, "robust_step_size")
+        check_range(self.robust_step_size, "robust_step_size", 0.0, low_open=True)
+        if not isinstance(self.n_warmup_steps, int) or self.n_warmup_steps < 0:
+            raise ValueError(
+                "`n_warmup_steps` must be a non-negative integer; got "
+                f"n_warmup_steps={self.n_warmup_steps!r}."
+            )
+
+    def init(self, jacobian: Float[Array, "m n"], /) -> State:
+        check_matrix(jacobian)
+        m, n = jacobian.shape
+        dtype = jacobian.dtype
+        return _ExcessMTLState(
+            sq_grad_sum=jnp.zeros((m, n), dtype),
+            warmup_sum=jnp.zeros((m,), dtype),
+            weights=jnp.full((m,), 1 / max(m, 1), dtype),
+            baseline=jnp.zeros((m,), dtype),
+            has_baseline=jnp.zeros((), bool),
+            n_steps=jnp.zeros((), jnp.int32),
+        )
+
+    def __call__(
+        self,
+        jacobian: Float[Array, "m n"],
+        state: State,
+        /,
+        *,
+        key: PRNGKeyArray | None = None,
+    ) -> tuple[Float[Array, " m"], State]:
+        check_matrix(jacobian)
+        check_state_shape(state.sq_grad_sum.shape, jacobian.shape, "ExcessMTL")
+        dtype = state.weights.dtype
+        j = lax.stop_gradient(jacobian).astype(dtype)
+        sq = j * j
+        sq_grad_sum = state.sq_grad_sum + sq
+        h = jnp.sqrt(sq_grad_sum + 1e-7)
+        excess = jnp.sum(sq / h, axis=1)
+
+        warm = state.n_steps < self.n_warmup_steps
+        n_steps = state.n_steps + 1
+        warmup_sum = jnp.where(warm, state.warmup_sum + excess, state.warmup_sum)
+        if self.n_warmup_steps > 0:
+            first_baseline = state.warmup_sum / self.n_warmup_steps
+            first_excess = excess / (first_baseline + 1e-7)
+        else:
+            first_baseline = excess
+            first_excess = excess
+        baseline = jnp.where(state.has_baseline, state.baseline, first_baseline)
+        scaled = jnp.where(state.has_baseline, excess / (baseline + 1e-7), first_excess)
+        eta = jnp.asarray(self.robust_step_size, dtype)
+        updated = jax.nn.softmax(jnp.log(state.weights) + scaled * eta)
+
+        weights = jnp.where(warm, state.weights, updated)
+        new_state = _ExcessMTLState(
+            sq_grad_sum=sq_grad_sum,
+            warmup_sum=warmup_sum,
+            weights=weights,
+            baseline=jnp.where(warm, state.baseline, baseline),
+            has_baseline=state.has_baseline | ~warm,
+            n_steps=n_steps,
+        )
+        out = weights.astype(jacobian.dtype)
+        return lax.stop_gradient(out), lax.stop_gradient(new_state)
+
+
+_ARGS = """**Arguments:**
+
+- `robust_step_size`: step size $\\eta > 0$ of the exponentiated weight update.
+    Default `1.0`.
+- `n_warmup_steps`: number of calls during which the weights stay uniform while the
+    excess risks are averaged into the baseline (the paper recommends three epochs).
+    `0` (default): the first call's excess risk is the baseline (official code, LibMTL).
+"""
+ExcessMTLWeighting.__init__.__doc__ = _ARGS
+
+
+class ExcessMTL(AbstractStatefulWeightedAggregator):
+    r"""ExcessMTL: $A(J) = J^\top w$ with task weights updated by an exponentiated
+    gradient step on per-task excess-risk estimates,
+    $w \leftarrow \operatorname{softmax}(\log w + \eta\, e / e_0)$, where
+    $e_i = g_i^\top H_i^{-1} g_i$ uses a diagonal AdaGrad Hessian accumulated over the
+    calls (see [`eqxjd.ExcessMTLWeighting`][]).
+
+    Stateful: the state holds an $m \times n$ array (the accumulated squared
+    gradients), so its memory grows with the number of parameters. Not differentiable.
+
+    He et al., *Robust Multi-Task Learning with Excess Risks*, ICML 2024,
+    [arXiv:2402.02009](https://arxiv.org/abs/2402.02009).
+    """
+
+    weighting: ExcessMTLWeighting
+
+    def __init__(self, robust_step_size: ScalarLike = 1.0, n_warmup_steps: int = 0):
+        self.weighting = ExcessMTLWeighting(robust_step_size, n_warmup_steps)
+
+
+ExcessMTL.__init__.__doc__ = _ARGS

@@ -1,0 +1,168 @@
+import abc
+from collections.abc import Sequence
+
+import equinox as eqx
+import jax
+import jax.lax as lax
+import jax.numpy as jnp
+import numpy as np
+from jaxtyping import Array, ArrayLike, Float, PRNGKeyArray, Shaped
+
+from .._custom_types import ScalarLike, State
+
+
+class AbstractScalarizer(eqx.Module):
+    r"""Base class for scalarizers: a map from a vector of losses to one scalar loss.
+
+    A scalarizer combines the losses $L \in \mathbb{R}^m$ directly (no Jacobian): the
+    user differentiates its output as an ordinary loss, e.g. with `eqx.filter_grad`. It
+    is the baseline against which aggregators are compared.
+
+    **Conventions shared by every scalarizer:**
+
+    - The losses are positional-only and may have any shape (usually `(m,)`); methods
+      with per-loss arrays (weights, reference points, learnable parameters) require
+      exactly that shape, checked at trace time (`ValueError`).
+    - The output is a scalar with the dtype of the losses (float32 in, float32 out).
+    - Randomness comes only from the keyword-only `key`; deterministic scalarizers
+      ignore it, random ones raise `ValueError` when it is missing.
+    - Hyperparameter arrays (`weights`, `reference`, ...) are constants: gradients
+      through them are stopped, so placing a scalarizer inside a model trained with
+      `eqx.filter_grad` never trains them. Learnable parameters
+      ([`eqxjd.scalarization.UW`][], [`eqxjd.scalarization.IMTLL`][]) are ordinary
+      inexact-array fields, trained like any other model leaf.
+    - Stateless scalarizers derive from this class: `loss = scalarizer(losses)`. Those
+      with internal updates (DWA, FAMO) derive from
+      [`eqxjd.scalarization.AbstractStatefulScalarizer`][] instead.
+    """
+
+    @abc.abstractmethod
+    def __call__(
+        self, losses: Float[Array, "*shape"], /, *, key: PRNGKeyArray | None = None
+    ) -> Float[Array, ""]:
+        """**Arguments:**
+
+        - `losses`: the losses, an array of any shape (usually `(m,)`).
+        - `key`: a JAX PRNG key, for random scalarizers; ignored by the others.
+            (Keyword only argument.)
+
+        **Returns:**
+
+        The scalarized loss, a scalar with the dtype of `losses`.
+        """
+
+
+class AbstractStatefulScalarizer(eqx.Module):
+    r"""Base class for scalarizers whose weights evolve through explicit state updates.
+
+    The call is pure and only *reads* the state, so it can be differentiated as an
+    ordinary loss; the state changes only through the scalarizer's own transition
+    methods, which return a new state (there is no hidden mutation):
+
+    ```python
+    state = scalarizer.init(losses)          # depends only on shape and dtype
+    loss = scalarizer(losses, state)         # differentiate this as usual
+    state = scalarizer.update(state, ...)    # method-specific transition(s)
+    ```
+
+    See [`eqxjd.scalarization.FAMO`][] and [`eqxjd.scalarization.DWA`][] for the
+    transitions. The state's tree structure, shapes and dtypes never change, so a
+    jitted training step does not retrace. Resetting is calling `init` again. A state
+    built for another shape raises a `ValueError`.
+    """
+
+    @abc.abstractmethod
+    def init(self, losses: Float[Array, "*shape"], /) -> State:
+        """**Arguments:**
+
+        - `losses`: an example of the losses (only its shape and dtype are read).
+
+        **Returns:**
+
+        The initial state.
+        """
+
+    @abc.abstractmethod
+    def __call__(
+        self,
+        losses: Float[Array, "*shape"],
+        state: State,
+        /,
+        *,
+        key: PRNGKeyArray | None = None,
+    ) -> Float[Array, ""]:
+        """**Arguments:**
+
+        - `losses`: the losses, with the shape and dtype given to `init`.
+        - `state`: the current state (read, never modified).
+        - `key`: ignored; provided for compatibility. (Keyword only argument.)
+
+        **Returns:**
+
+        The scalarized loss, a scalar with the dtype of `losses`.
+        """
+
+
+# ------------------------------------------------------------------------------
+# Private helpers shared by the scalarizers.
+
+
+def check_losses(losses: Shaped[Array, "..."]) -> None:
+    """Raises a `ValueError` unless `losses` is a floating array (static check)."""
+    if not jnp.issubdtype(jnp.result_type(losses), jnp.inexact):
+        raise ValueError(
+            f"`losses` must have a floating dtype; got {jnp.result_type(losses)}. "
+            "Convert it with `.astype(jnp.float32)` or `.astype(jnp.float64)`."
+        )
+
+
+def check_same_shape(
+    array: Shaped[Array, "..."] | None, losses: Shaped[Array, "..."], name: str
+) -> None:
+    """Raises a `ValueError` if `array` (if given) is not shaped like `losses`."""
+    if array is not None and array.shape != losses.shape:
+        raise ValueError(
+            f"`{name}` has shape {array.shape} but `losses` has shape {losses.shape}; "
+            "they must be equal (one entry per loss)."
+        )
+
+
+def as_float_array(value: ArrayLike | None) -> Float[Array, "..."] | None:
+    """Converter for optional per-loss arrays: a floating JAX array (or `None`)."""
+    if value is None:
+        return None
+    array = jnp.asarray(value)
+    if not jnp.issubdtype(array.dtype, jnp.inexact):
+        array = array.astype(jnp.result_type(float))
+    return array
+
+
+def as_shape(shape: int | Sequence[int]) -> tuple[int, ...]:
+    """`n -> (n,)`; sequences become tuples of non-negative ints."""
+    if isinstance(shape, (int, np.integer)):
+        shape = (int(shape),)
+    shape = tuple(int(s) for s in shape)
+    if any(s < 0 for s in shape):
+        raise ValueError(f"`shape` must have non-negative entries; got {shape}.")
+    return shape
+
+
+def check_scalar(
+    value: ScalarLike, name: str, *, strictly_positive: bool = False
+) -> None:
+    """Validates a scalar hyperparameter when it is concrete (tracers are skipped)."""
+    if isinstance(value, jax.core.Tracer):
+        return
+    array = np.asarray(value)
+    if array.shape != ():
+        raise ValueError(f"`{name}` must be a scalar; got shape {array.shape}.")
+    # The same comparisons as TorchJD (so NaN passes, as there).
+    if strictly_positive and array <= 0:
+        raise ValueError(f"`{name}` must be strictly positive; got {value}.")
+    if not strictly_positive and array < 0:
+        raise ValueError(f"`{name}` must be non-negative; got {value}.")
+
+
+def constant(value: ArrayLike, dtype: jnp.dtype) -> Array:
+    """A hyperparameter cast to the losses' dtype, with its gradient stopped."""
+    return lax.stop_gradient(jnp.asarray(value, dtype=dtype))

@@ -1,0 +1,77 @@
+import equinox as eqx
+import jax.numpy as jnp
+from jaxtyping import Array, Float, PRNGKeyArray
+
+from .._custom_types import ScalarLike
+from .base import (
+    AbstractScalarizer,
+    as_float_array,
+    check_losses,
+    check_same_shape,
+    check_scalar,
+    constant,
+)
+
+
+_EPSILON = 1e-12
+
+
+class PBI(AbstractScalarizer):
+    r"""Penalty-based Boundary Intersection: with $f = L - z^*$ (flattened) and the
+    preference direction $\hat w = w / \lVert w \rVert$,
+
+    $$d_1 = f^\top \hat w, \qquad d_2 = \sqrt{\lVert f - d_1 \hat w \rVert^2 +
+    10^{-12}}, \qquad \mathrm{PBI}(L) = d_1 + \theta d_2.$$
+
+    $d_1$ is the progress along the preference direction and $d_2$ the distance to it.
+    The $10^{-12}$ (as in TorchJD) keeps the gradient finite when $f$ lies on the
+    direction (always the case for a single loss).
+
+    Zhang & Li, *MOEA/D: A Multiobjective Evolutionary Algorithm Based on
+    Decomposition*, IEEE Transactions on Evolutionary Computation 11(6), 2007,
+    [doi:10.1109/TEVC.2007.892759](https://doi.org/10.1109/TEVC.2007.892759).
+    """
+
+    theta: ScalarLike
+    weights: Float[Array, "*shape"] = eqx.field(converter=as_float_array)
+    reference: Float[Array, "*shape"] | None = eqx.field(
+        default=None, converter=as_float_array
+    )
+
+    def __check_init__(self):
+        check_scalar(self.theta, "theta")
+        if self.reference is not None and self.weights.shape != self.reference.shape:
+            raise ValueError(
+                f"`weights` (shape {self.weights.shape}) and `reference` (shape "
+                f"{self.reference.shape}) must have the same shape as the losses."
+            )
+
+    def __call__(
+        self, losses: Float[Array, "*shape"], /, *, key: PRNGKeyArray | None = None
+    ) -> Float[Array, ""]:
+        check_losses(losses)
+        check_same_shape(self.weights, losses, "weights")
+        check_same_shape(self.reference, losses, "reference")
+        dtype = losses.dtype
+        shifted = losses
+        if self.reference is not None:
+            shifted = losses - constant(self.reference, dtype)
+        f = shifted.reshape(-1)
+        direction = constant(self.weights, dtype).reshape(-1)
+        direction = direction / jnp.sqrt(jnp.sum(direction * direction))
+        d1 = jnp.sum(f * direction)
+        perpendicular = f - d1 * direction
+        eps = jnp.asarray(_EPSILON, dtype)
+        d2 = jnp.sqrt(jnp.sum(perpendicular * perpendicular) + eps)
+        return d1 + constant(self.theta, dtype) * d2
+
+
+PBI.__init__.__doc__ = """**Arguments:**
+
+- `theta`: the penalty $\\theta \\geq 0$ on the perpendicular distance (`0` gives the
+    projection onto the preference direction). The paper uses `5`.
+- `weights`: the preference vector $w$ (non-negative entries expected), an array with
+    the shape of the losses.
+- `reference`: the ideal point $z^*$ (a lower bound on the losses), an array with the
+    shape of the losses; `None` (default) means the origin.
+"""
