@@ -1,0 +1,236 @@
+r"""Jacobian descent across devices with `jax.sharding` / `jax.shard_map`.
+
+Two layouts of the Jacobian $J \in \mathbb{R}^{m \times n}$:
+
+- **along the parameters** (columns): each device holds $J_d$, a block of columns, and
+  $G = \sum_d J_d J_d^\top$ is one all-reduce ([`eqxjd.sharded_gramian`][]). Under
+  `jax.jit` with sharded inputs, XLA inserts the same reduction by itself, so every
+  Gramian-based aggregator and [`eqxjd.gramian_value_and_update`][] work unchanged.
+- **along the batch** (rows, data parallel): each device computes the per-sample
+  Jacobians of its share of the batch; the blocks $J_d J_e^\top$ are formed by
+  passing the local Jacobians around a ring (`ppermute`), the row blocks of $G$ are
+  all-gathered,
+  every device computes the same weights from the same $G$, and the update is a local
+  VJP followed by a `psum` ([`eqxjd.data_parallel_value_and_update`][]). Memory per
+  device: two local per-sample Jacobians, never the full one.
+"""
+
+from collections.abc import Callable
+from typing import Any
+
+import equinox as eqx
+import jax
+import jax.lax as lax
+import jax.numpy as jnp
+import jax.tree_util as jtu
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jaxtyping import Array, Float, PRNGKeyArray, PyTree
+
+from ._autogram import (
+    _as_weighting,
+    _batch_size,
+    _batched_losses,
+    _block,
+    _flat_rows,
+    _per_sample_vector_fn,
+    _split_params,
+    _symmetrize,
+    AnyGramianWeighting,
+    FilterSpec,
+    GramianUpdate,
+)
+from ._custom_types import State
+from ._misc import check_matrix
+from ._weighting import AbstractStatefulWeighting
+
+
+_HIGHEST = lax.Precision.HIGHEST
+
+
+def _place(mesh: Mesh, tree: PyTree, spec: P) -> PyTree:
+    sharding = NamedSharding(mesh, spec)
+    return jtu.tree_map(lambda x: jax.device_put(x, sharding), tree)
+
+
+def _check_axis(mesh: Mesh, axis_name: str) -> int:
+    if axis_name not in mesh.axis_names:
+        raise ValueError(
+            f"`axis_name` {axis_name!r} is not an axis of the mesh {mesh.axis_names}."
+        )
+    return mesh.shape[axis_name]
+
+
+def sharded_gramian(
+    jacobian: Float[Array, "m n"], mesh: Mesh, axis_name: str
+) -> Float[Array, "m m"]:
+    r"""$G = J J^\top$ with the columns (parameters) of $J$ split over a mesh axis:
+    each device contracts its own columns and the partial Gramians are summed with one
+    `psum`. The result is replicated.
+
+    **Arguments:**
+
+    - `jacobian`: an array of shape `(m, n)`; `n` must be divisible by the size of
+        the mesh axis. It is resharded as `P(None, axis_name)` if needed.
+    - `mesh`: a `jax.sharding.Mesh`.
+    - `axis_name`: the mesh axis that splits the parameters.
+
+    **Returns:**
+
+    The Gramian, shape `(m, m)`, replicated over the mesh.
+    """
+    check_matrix(jacobian)
+    size = _check_axis(mesh, axis_name)
+    if jacobian.shape[1] % size:
+        raise ValueError(
+            f"The {jacobian.shape[1]} columns of `jacobian` cannot be split evenly "
+            f"over the {size} devices of mesh axis {axis_name!r}."
+        )
+
+    def local(block):
+        part = jnp.matmul(block, block.T, precision=_HIGHEST)
+        return lax.psum(part, axis_name)
+
+    jacobian = jax.device_put(jacobian, NamedSharding(mesh, P(None, axis_name)))
+    return jax.shard_map(
+        local,
+        mesh=mesh,
+        in_specs=P(None, axis_name),
+        out_specs=P(),
+        check_vma=False,
+    )(jacobian)
+
+
+def data_parallel_value_and_update(
+    loss_fn: Callable[..., Array],
+    weighting: AnyGramianWeighting,
+    params: PyTree,
+    *batch: Any,
+    mesh: Mesh,
+    axis_name: str,
+    batched: bool = False,
+    filter_spec: FilterSpec = True,
+    state: State = None,
+    key: PRNGKeyArray | None = None,
+) -> GramianUpdate:
+    r"""Data-parallel instance-wise Jacobian descent: the per-sample path of
+    [`eqxjd.gramian_value_and_update`][] with the batch split over a mesh axis.
+
+    `params` (and `state`, `key`) are replicated, the batch is split along `axis_name`.
+    Each device computes the per-sample Jacobians $J_d$ of its `B / D` samples; the
+    Gramian blocks $J_d J_e^\top$ are obtained by passing $J_e$ around a ring of the
+    `D` devices (`D` `ppermute`s), the row blocks of $G$ are all-gathered, the weights
+    are computed from the replicated $G$ (outside the `shard_map`, so the weighting's
+    solver loop never sits between collectives), and the update is each device's VJP
+    of $\sum_{i \in d} w_i \ell_i$ (one more local forward pass), summed with a
+    `psum`. The result
+    equals the single-device [`eqxjd.gramian_value_and_update`][] with
+    `per_sample=True`.
+
+    Call it under `jax.jit` / `eqx.filter_jit`: called eagerly, it compiles its
+    `shard_map` again on every call.
+
+    **Arguments:**
+
+    - `loss_fn`, `weighting`, `params`, `*batch`, `batched`, `filter_spec`, `state`,
+        `key`: as in [`eqxjd.gramian_value_and_update`][] with `per_sample=True`.
+    - `mesh`: a `jax.sharding.Mesh`. (Keyword only argument.)
+    - `axis_name`: the mesh axis the batch is split over; the batch size must be
+        divisible by its size. (Keyword only argument.)
+
+    **Returns:**
+
+    A [`eqxjd.GramianUpdate`][]: `losses` and `weights` sharded along the batch,
+    `updates`, `gramian` and `state` replicated.
+    """
+    weighting = _as_weighting(weighting)
+    stateful = isinstance(weighting, AbstractStatefulWeighting)
+    if stateful and state is None:
+        raise ValueError(
+            f"{type(weighting).__name__} is stateful: pass `state=weighting.init(G)`."
+        )
+    devices = _check_axis(mesh, axis_name)
+    size = _batch_size(batch)
+    if size % devices:
+        raise ValueError(
+            f"The batch size {size} is not divisible by the {devices} devices of mesh "
+            f"axis {axis_name!r}."
+        )
+    diff, static = eqx.partition(params, eqx.is_inexact_array)
+    _split_params(params, filter_spec)  # validates the filter early
+
+    local_size = size // devices
+
+    def local_losses(d, local_batch):
+        return _batched_losses(
+            loss_fn, batched, eqx.combine(d, static), local_batch, local_size
+        )
+
+    def gramian_part(diff, *local_batch):
+        model = eqx.combine(diff, static)
+        gram, rest, static_ = _split_params(model, filter_spec)
+        losses = local_losses(diff, local_batch)
+        tasks = 1 if losses.ndim == 1 else losses.shape[1]
+        width = local_size * tasks
+        dtype = losses.dtype
+        vec = _per_sample_vector_fn(
+            loss_fn, lax.stop_gradient(rest), static_, batched=batched
+        )
+        jac = jax.vmap(jax.jacrev(vec), in_axes=(None,) + (0,) * len(local_batch))(
+            lax.stop_gradient(gram), *local_batch
+        )
+        mine = _flat_rows(jac, width)
+        index = lax.axis_index(axis_name)
+        perm = [(j, (j + 1) % devices) for j in range(devices)]
+
+        def step(s, carry):
+            rows, visiting = carry
+            source = (index - lax.convert_element_type(s, index.dtype)) % devices
+            blk = _block(mine, visiting, dtype)
+            start = (jnp.zeros((), index.dtype), source * width)
+            rows = lax.dynamic_update_slice(rows, blk, start)
+            visiting = [lax.ppermute(v, axis_name, perm) for v in visiting]
+            return rows, visiting
+
+        rows = jnp.zeros((width, devices * width), dtype)
+        rows, _ = lax.fori_loop(0, devices, step, (rows, mine))
+        return losses, lax.all_gather(rows, axis_name, tiled=True)
+
+    def update_part(diff, weights, *local_batch):
+        _, vjp = jax.vjp(lambda d: local_losses(d, local_batch), diff)
+        (updates,) = vjp(weights)
+        return lax.psum(updates, axis_name)
+
+    batch_specs = tuple(jtu.tree_map(lambda _: P(axis_name), b) for b in batch)
+
+    def run(diff, state, key, *batch):
+        losses, g = jax.shard_map(
+            gramian_part,
+            mesh=mesh,
+            in_specs=(P(),) + batch_specs,
+            out_specs=(P(axis_name), P()),
+            check_vma=False,
+        )(diff, *batch)
+        g = _symmetrize(g)
+        # The weighting runs outside the shard_map, on the replicated Gramian (its
+        # solver loops then never sit between collectives).
+        if stateful:
+            weights, state = weighting(g, state, key=key)
+        else:
+            weights = weighting(g, key=key)
+        weights = jnp.reshape(weights, losses.shape).astype(losses.dtype)
+        if not weighting.differentiable:
+            weights = lax.stop_gradient(weights)
+        local_weights = jax.device_put(weights, NamedSharding(mesh, P(axis_name)))
+        updates = jax.shard_map(
+            update_part,
+            mesh=mesh,
+            in_specs=(P(), P(axis_name)) + batch_specs,
+            out_specs=P(),
+            check_vma=False,
+        )(diff, local_weights, *batch)
+        return GramianUpdate(losses, weights, updates, g, state)
+
+    # jit: executed eagerly, a shard_map runs op by op on every device (slow).
+    return jax.jit(run)(
+        *_place(mesh, (diff, state, key), P()), *_place(mesh, batch, P(axis_name))
+    )
