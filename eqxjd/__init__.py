@@ -1,15 +1,44 @@
 import importlib.metadata
 
-# --- foundation: base classes, pytrees, dual cone ---
+from . import scalarization as scalarization
 from ._aggregation import (
+    AlignedMTL as AlignedMTL,
+    AlignedMTLWeighting as AlignedMTLWeighting,
+    CAGrad as CAGrad,
+    CAGradWeighting as CAGradWeighting,
+    ConFIG as ConFIG,
     Constant as Constant,
     ConstantWeighting as ConstantWeighting,
+    CRMOGMWeighting as CRMOGMWeighting,
     DualProj as DualProj,
     DualProjWeighting as DualProjWeighting,
+    ExcessMTL as ExcessMTL,
+    ExcessMTLWeighting as ExcessMTLWeighting,
+    FairGrad as FairGrad,
+    FairGradWeighting as FairGradWeighting,
+    GradDrop as GradDrop,
+    GradVac as GradVac,
+    GradVacWeighting as GradVacWeighting,
+    IMTLG as IMTLG,
+    IMTLGWeighting as IMTLGWeighting,
+    Krum as Krum,
+    KrumWeighting as KrumWeighting,
     Mean as Mean,
     MeanWeighting as MeanWeighting,
+    MGDA as MGDA,
+    MGDAWeighting as MGDAWeighting,
+    MoDoWeighting as MoDoWeighting,
+    NashMTL as NashMTL,
+    PCD as PCD,
+    PCDWeighting as PCDWeighting,
+    PCGrad as PCGrad,
+    PCGradWeighting as PCGradWeighting,
+    Random as Random,
+    RandomWeighting as RandomWeighting,
+    SDMGradWeighting as SDMGradWeighting,
     Sum as Sum,
     SumWeighting as SumWeighting,
+    TrimmedMean as TrimmedMean,
     UPGrad as UPGrad,
     UPGradWeighting as UPGradWeighting,
 )
@@ -17,7 +46,7 @@ from ._aggregator import (
     AbstractAggregator as AbstractAggregator,
     AbstractGramianWeightedAggregator as AbstractGramianWeightedAggregator,
     AbstractStatefulAggregator as AbstractStatefulAggregator,
-    AbstractStatefulGramianWeightedAggregator as AbstractStatefulGramianWeightedAggregator,
+    AbstractStatefulGramianWeightedAggregator as AbstractStatefulGramianWeightedAggregator,  # noqa: E501
     AbstractStatefulWeightedAggregator as AbstractStatefulWeightedAggregator,
     AbstractWeightedAggregator as AbstractWeightedAggregator,
     GramianWeightedAggregator as GramianWeightedAggregator,
@@ -25,32 +54,52 @@ from ._aggregator import (
     StatefulWeightedAggregator as StatefulWeightedAggregator,
     WeightedAggregator as WeightedAggregator,
 )
+from ._autogram import (
+    gramian_value_and_update as gramian_value_and_update,
+    GramianUpdate as GramianUpdate,
+    per_sample_value_and_gramian as per_sample_value_and_gramian,
+    value_and_gramian as value_and_gramian,
+)
+from ._autojac import (
+    filter_jac as filter_jac,
+    filter_mtl_value_and_aggregate as filter_mtl_value_and_aggregate,
+    filter_mtl_value_and_jac as filter_mtl_value_and_jac,
+    filter_value_and_aggregate as filter_value_and_aggregate,
+    filter_value_and_jac as filter_value_and_jac,
+    Grouped as Grouped,
+    init_state as init_state,
+    jac_to_grad as jac_to_grad,
+)
 from ._dual_cone import (
     kkt_residual as kkt_residual,
     project_onto_dual_cone as project_onto_dual_cone,
 )
 from ._misc import gramian as gramian
+from ._optax import as_optax as as_optax, AsOptaxState as AsOptaxState
 from ._pytree import (
     aggregate as aggregate,
-    init_tree as init_tree,
     tree_gramian as tree_gramian,
 )
 from ._results import RESULTS as RESULTS
+from ._sharding import (
+    data_parallel_value_and_update as data_parallel_value_and_update,
+    sharded_gramian as sharded_gramian,
+)
+from ._solver import (
+    AbstractQPSolver as AbstractQPSolver,
+    BPP as BPP,
+    NesterovPGD as NesterovPGD,
+    QPax as QPax,
+)
 from ._weighting import (
     AbstractStatefulWeighting as AbstractStatefulWeighting,
     AbstractWeighting as AbstractWeighting,
 )
 
-# --- solvers ---
-from ._solver import AbstractQPSolver as AbstractQPSolver
 
-# --- classic zoo (issue 3) ---
-
-# --- modern methods (issue 4) ---
-
-# --- autojac and optax (issue 5) ---
-
-# --- autogram and sharding (issue 6) ---
-
-
+__all__ = sorted(
+    name
+    for name in dir()
+    if not name.startswith("_") and name not in {"importlib", "annotations"}
+)
 __version__ = importlib.metadata.version("eqxjd")
