@@ -97,6 +97,12 @@ def main():
     parser.add_argument("--qpax-max-m", type=int, default=32, help="qpax is slow")
     parser.add_argument("--float32", action="store_true")
     parser.add_argument("--no-torch", action="store_true")
+    parser.add_argument(
+        "--torch-threads",
+        type=int,
+        default=1,
+        help="torch intra-op threads (1 is fastest for TorchJD's small ops here)",
+    )
     args = parser.parse_args()
 
     if not args.float32:
@@ -113,6 +119,8 @@ def main():
         try:
             import torch
             from torchjd.aggregation import DualProj as TDualProj, UPGrad as TUPGrad
+
+            torch.set_num_threads(args.torch_threads)
 
             torchjd_aggs = {"upgrad": TUPGrad(), "dualproj": TDualProj()}
         except ImportError:

@@ -31,6 +31,7 @@ from ._aggregator import (
     AbstractStatefulGramianWeightedAggregator,
 )
 from ._custom_types import State
+from ._misc import check_chunk_size
 from ._weighting import AbstractStatefulWeighting, AbstractWeighting
 
 
@@ -51,17 +52,6 @@ def _split_params(params: PyTree, filter_spec: FilterSpec):
             "`filter_spec` (a pytree of bools / callables like `eqx.partition`'s)."
         )
     return gram, rest, static
-
-
-def _check_chunk_size(chunk_size: int | None) -> None:
-    if chunk_size is not None and (
-        not isinstance(chunk_size, int)
-        or isinstance(chunk_size, bool)
-        or chunk_size < 1
-    ):
-        raise ValueError(
-            f"`chunk_size` must be a positive int or None; got {chunk_size!r}."
-        )
 
 
 def _check_losses(losses: Any, what: str) -> Array:
@@ -182,7 +172,7 @@ def value_and_gramian(
     A 2-tuple `(losses, gramian)`, with `gramian` of shape `(m, m)` in the order of
     `losses.ravel()`.
     """
-    _check_chunk_size(chunk_size)
+    check_chunk_size(chunk_size)
     gram, rest, static = _split_params(params, filter_spec)
     rest = lax.stop_gradient(rest)
 
@@ -410,7 +400,7 @@ def _per_sample(
     rtol,
     want_vjp,
 ):
-    _check_chunk_size(chunk_size)
+    check_chunk_size(chunk_size)
     size = _batch_size(batch)
     gram, rest, static = _split_params(params, filter_spec)
     diff, _ = eqx.partition(params, eqx.is_inexact_array)

@@ -16,6 +16,7 @@ from jaxtyping import Array, PRNGKeyArray, PyTree
 
 from ._aggregator import AbstractAggregator, AbstractStatefulAggregator
 from ._custom_types import State
+from ._misc import check_chunk_size
 from ._pytree import aggregate_tree, check_jacobian_tree, init_tree
 
 
@@ -25,18 +26,6 @@ AnyAggregator = AbstractAggregator | AbstractStatefulAggregator
 # --------------------------------------------------------------------------------------
 # Checks and small helpers
 # --------------------------------------------------------------------------------------
-
-
-def _check_chunk_size(chunk_size: int | None) -> None:
-    if chunk_size is not None and (
-        isinstance(chunk_size, bool)
-        or not isinstance(chunk_size, int)
-        or chunk_size < 1
-    ):
-        raise ValueError(
-            f"`chunk_size` must be None (all rows at once) or a positive int; got "
-            f"{chunk_size!r}."
-        )
 
 
 def _check_losses(losses: Any, where: str) -> None:
@@ -409,7 +398,7 @@ def filter_value_and_jac(
     A function with the signature of `fn` returning `(losses, jacobian)`, or
     `((losses, aux), jacobian)` with `has_aux=True`.
     """
-    _check_chunk_size(chunk_size)
+    check_chunk_size(chunk_size)
     return eqx.module_update_wrapper(_ValueAndJac(fn, has_aux, chunk_size))
 
 
@@ -547,7 +536,7 @@ def filter_value_and_aggregate(
     `agg_key` is the PRNG key of random aggregators. Both are keyword-only and named so
     that they do not clash with arguments of `fn` such as `key`.
     """
-    _check_chunk_size(chunk_size)
+    check_chunk_size(chunk_size)
     _check_aggregator(aggregator)
     return _ValueAndAggregate(fn, aggregator, has_aux, chunk_size, return_weights)
 
@@ -705,7 +694,7 @@ def filter_mtl_value_and_jac(
     pytree has the structure of `shared` with a leading `m` axis per array leaf and the
     gradient has the structure of `heads` (`None` for non-trainable leaves in both).
     """
-    _check_chunk_size(chunk_size)
+    check_chunk_size(chunk_size)
     return _MTLValueAndJac(features_fn, losses_fn, has_aux, chunk_size)
 
 
@@ -808,7 +797,7 @@ def filter_mtl_value_and_aggregate(
     `step.init(shared, heads, *args, **kwargs)` giving the initial state of stateful
     aggregators.
     """
-    _check_chunk_size(chunk_size)
+    check_chunk_size(chunk_size)
     _check_aggregator(aggregator)
     return _MTLValueAndAggregate(
         features_fn, losses_fn, aggregator, has_aux, chunk_size, return_weights

@@ -62,7 +62,9 @@ def gramian(matrix: Float[Array, "m n"]) -> Float[Array, "m m"]:
     return jnp.matmul(matrix, matrix.T, precision=_HIGHEST)
 
 
-def combine(weights: Float[Array, " m"], matrix: Float[Array, "m n"]) -> Float[Array, " n"]:
+def combine(
+    weights: Float[Array, " m"], matrix: Float[Array, "m n"]
+) -> Float[Array, " n"]:
     r"""The aggregation $d = w^\top J$ at full matmul precision."""
     return jnp.tensordot(weights, matrix, axes=1, precision=_HIGHEST)
 
@@ -131,3 +133,16 @@ def pinv(matrix: Float[Array, "a b"]) -> Float[Array, "b a"]:
 def lower_median(x: Float[Array, " k"]) -> Float[Array, ""]:
     """torch.median's convention: element (k - 1) // 2 of the ascending order."""
     return jnp.sort(x)[(x.shape[0] - 1) // 2]
+
+
+def check_chunk_size(chunk_size: int | None) -> None:
+    """`None` (everything at once) or a positive int (a static loop bound)."""
+    if chunk_size is not None and (
+        isinstance(chunk_size, bool)
+        or not isinstance(chunk_size, int)
+        or chunk_size < 1
+    ):
+        raise ValueError(
+            f"`chunk_size` must be None (all rows at once) or a positive int; got "
+            f"{chunk_size!r}."
+        )

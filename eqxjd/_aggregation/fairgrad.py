@@ -8,9 +8,9 @@ from jaxtyping import Array, Bool, Float, PRNGKeyArray
 
 from .._aggregator import AbstractGramianWeightedAggregator
 from .._custom_types import ScalarLike
-from .._misc import check_gramian, nan_unless_finite
+from .._misc import check_gramian, nan_unless_finite, solve_dtype
 from .._weighting import AbstractWeighting
-from .modern_common import check_range, check_scalar, solve_dtype
+from .modern_common import check_range, check_scalar
 
 
 _DEFAULT_MAX_ITERS = 100

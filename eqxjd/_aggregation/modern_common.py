@@ -71,12 +71,3 @@ def require_key(key: PRNGKeyArray | None, name: str) -> PRNGKeyArray:
             "(split it between calls)."
         )
     return key
-
-
-def solve_dtype(dtype):
-    """float64 whenever x64 is enabled (TorchJD solves these problems in float64)."""
-    return (
-        jnp.dtype(jnp.float64)
-        if jax.config.read("jax_enable_x64")
-        else jnp.dtype(dtype)
-    )

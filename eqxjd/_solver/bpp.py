@@ -43,6 +43,31 @@ def _solve_lanes(gramian, lower, free, ridge):
     return jnp.where(broken[:, None], 0.0, slack), factor, broken
 
 
+def _solve_active_lanes(g, u, free, state, active):
+    # After the first rounds only a few lanes are still pivoting; once at most `small` of
+    # them are, factorise just those (gathered into a fixed-size batch) instead of all k.
+    k = u.shape[0]
+    small = max(4, k // 8)
+    if k < 2 * small:
+        return _solve_lanes(g, u, free, state.ridge)
+
+    def some(free):
+        lanes = jnp.argsort(~active, stable=True)[:small]
+        slack, factor, broken = _solve_lanes(
+            g, u[lanes], free[lanes], state.ridge[lanes]
+        )
+        return (
+            state.slack.at[lanes].set(slack),
+            state.factor.at[lanes].set(factor),
+            jnp.zeros((k,), bool).at[lanes].set(broken),
+        )
+
+    def every(free):
+        return _solve_lanes(g, u, free, state.ridge)
+
+    return lax.cond(jnp.sum(active) <= small, some, every, free)
+
+
 def block_pivoting(
     g: Float[Array, "m m"],
     u: Float[Array, "k m"],
@@ -90,7 +115,7 @@ def block_pivoting(
         flip = jnp.where(full[:, None], state.infeasible, index == largest[:, None])
         flip = flip & active[:, None]
         free = state.free ^ flip
-        slack, factor, broken = _solve_lanes(g, u, free, state.ridge)
+        slack, factor, broken = _solve_active_lanes(g, u, free, state, active)
         # A breakdown (singular G_FF with reg_eps=0) keeps the lane's partition and
         # retries next step with a larger ridge.
         free = jnp.where(broken[:, None], state.free, free)
@@ -155,7 +180,6 @@ class BPP(AbstractQPSolver):
         max_steps = 10 * m + 10 if self.max_steps is None else self.max_steps
         solution, finished = block_pivoting(g, u, (u @ g) < 0, max_steps)
         solution = solution * d
-        result = RESULTS.where(finished, RESULTS.successful, RESULTS.max_steps_reached)
         finite = jnp.all(jnp.isfinite(solution))
         result = RESULTS.where(finished, RESULTS.successful, RESULTS.max_steps_reached)
         result = RESULTS.where(finite, result, RESULTS.kkt_check_failed)
