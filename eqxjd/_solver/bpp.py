@@ -7,12 +7,12 @@ from .._results import RESULTS
 from .base import AbstractQPSolver, register_solver
 from .common import (
     cho_solve,
-    enumerate_free_sets,
     eps,
     factor_free_set,
     jacobi_scale,
     masked_system,
     refine_solution,
+    solve_by_enumeration,
 )
 
 
@@ -44,8 +44,8 @@ def _solve_lanes(gramian, lower, free, ridge):
 
 
 def _solve_active_lanes(g, u, free, state, active):
-    # After the first rounds only a few lanes are still pivoting; once at most `small` of
-    # them are, factorise just those (gathered into a fixed-size batch) instead of all k.
+    # After the first rounds only a few lanes still pivot; once at most `small` do,
+    # factorise just those (gathered into a fixed-size batch) instead of all k.
     k = u.shape[0]
     small = max(4, k // 8)
     if k < 2 * small:
@@ -172,11 +172,7 @@ class BPP(AbstractQPSolver):
         k, m = lower.shape
         g, u, d = jacobi_scale(gramian, lower)
         if m <= 2:
-            solution = enumerate_free_sets(g, u) * d
-            ok = jnp.all(jnp.isfinite(solution))
-            return solution, RESULTS.where(
-                ok, RESULTS.successful, RESULTS.kkt_check_failed
-            )
+            return solve_by_enumeration(g, u, d)
         max_steps = 10 * m + 10 if self.max_steps is None else self.max_steps
         solution, finished = block_pivoting(g, u, (u @ g) < 0, max_steps)
         solution = solution * d

@@ -7,10 +7,10 @@ from .._custom_types import ScalarLike
 from .._results import RESULTS
 from .base import AbstractQPSolver, register_solver
 from .common import (
-    enumerate_free_sets,
     exact_on_free_set,
     jacobi_scale,
     natural_residual,
+    solve_by_enumeration,
 )
 
 
@@ -87,11 +87,7 @@ class NesterovPGD(AbstractQPSolver):
         g, u, d = jacobi_scale(gramian, lower)
         dtype = g.dtype
         if m <= 2:
-            solution = enumerate_free_sets(g, u) * d
-            ok = jnp.all(jnp.isfinite(solution))
-            return solution, RESULTS.where(
-                ok, RESULTS.successful, RESULTS.kkt_check_failed
-            )
+            return solve_by_enumeration(g, u, d)
         if self.rtol is None:
             rtol = jnp.asarray(1e-10 if dtype == jnp.float64 else 1e-5, dtype)
         else:

@@ -10,9 +10,9 @@ from .._results import RESULTS
 from .base import AbstractQPSolver, register_solver
 from .bpp import block_pivoting
 from .common import (
-    enumerate_free_sets,
     jacobi_scale,
     natural_residual,
+    solve_by_enumeration,
 )
 
 
@@ -63,11 +63,7 @@ class QPax(AbstractQPSolver):
         g, u, d = jacobi_scale(gramian, lower)
         dtype = g.dtype
         if m <= 2:
-            solution = enumerate_free_sets(g, u) * d
-            ok = jnp.all(jnp.isfinite(solution))
-            return solution, RESULTS.where(
-                ok, RESULTS.successful, RESULTS.kkt_check_failed
-            )
+            return solve_by_enumeration(g, u, d)
         f64 = dtype == jnp.float64
         if self.solver_tol is None:
             # Above qpax's complementarity floor (slack and multiplier >= sqrt(eps)).
