@@ -79,3 +79,16 @@ def test_optax_adam(capsys):
     pytest.importorskip("optax")
     history, _ = run("optax_adam", capsys)
     assert_went_down(history)
+
+
+def test_iwrm_gramian(capsys):
+    histories, printed = run("iwrm_gramian", capsys)
+    for history in histories.values():
+        assert_went_down(np.asarray(history)[:, None])
+    assert "[iwrm]" in printed and "[erm]" in printed
+
+
+def test_iwmtl(capsys):
+    history, printed = run("iwmtl", capsys)
+    assert_went_down(history)
+    assert "Gramian" in printed
