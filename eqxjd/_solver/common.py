@@ -157,7 +157,7 @@ def enumerate_free_sets(
 
 
 def solve_by_enumeration(
-    g: Float[Array, "m m"], u: Float[Array, "k m"], d: Float[Array, " m"]
+    g: Float[Array, "m m"], u: Float[Array, "k m"], d: Float[Array, "1 m"]
 ) -> tuple[Float[Array, "k m"], RESULTS]:
     """The exact answer for tiny m (every solver's fast path for m <= 2), mapped back
     from the Jacobi scaling `d`."""
