@@ -6,9 +6,11 @@ from jaxtyping import Array, Bool, Float, Int
 from .._results import RESULTS
 from .base import AbstractQPSolver, register_solver
 from .common import (
-    cho_solve,
+    add_ridge,
+    bordered_solve,
     eps,
     factor_free_set,
+    free_rhs,
     jacobi_scale,
     masked_system,
     refine_solution,
@@ -23,11 +25,11 @@ class _BPPState(eqx.Module):
     best: Int[Array, " k"]
     budget: Int[Array, " k"]
     ridge: Float[Array, " k"]
-    factor: Float[Array, "k m m"]
     step: Int[Array, ""]
 
 
 _BUDGET = 3
+_RETRIES = 3
 
 
 def _infeasible(gramian, lower, free, slack, tol):
@@ -36,36 +38,111 @@ def _infeasible(gramian, lower, free, slack, tol):
 
 
 def _solve_lanes(gramian, lower, free, ridge):
-    # No refinement inside the loop: the ridge is far below what a sign test sees.
-    factor, _, rhs = factor_free_set(gramian, lower, free, ridge)
-    slack = cho_solve(factor, rhs)
-    broken = ~jnp.all(jnp.isfinite(slack), axis=-1)
-    return jnp.where(broken[:, None], 0.0, slack), factor, broken
+    system = add_ridge(masked_system(gramian, free), free, ridge)
+    slack, pivot = bordered_solve(system, free_rhs(gramian, lower, free))
+    # A (nearly) singular G_FF (reg_eps=0 on a rank-deficient J) is a breakdown, not a
+    # solution: on the unit-diagonal Gramian its unridged pivots fall below sqrt(eps)
+    # (with reg_eps=1e-4 they stay above ~1e-4), and a ridged solve that amplified
+    # roundoff leaves a residual on F far above roundoff.
+    tol = jnp.sqrt(eps(gramian.dtype))
+    singular = ~(pivot > tol) & (ridge == 0)
+    residual = _relative(_free_residual(gramian, lower, free, slack), lower + slack)
+    broken = singular | ~(residual <= tol)
+    return jnp.where(broken[:, None], 0.0, slack), broken
 
 
-def _solve_active_lanes(g, u, free, state, active):
-    # After the first rounds only a few lanes still pivot; once at most `small` do,
-    # factorise just those (gathered into a fixed-size batch) instead of all k.
+def _free_residual(gramian, lower, free, slack):
+    # On F the multiplier G(u + s) must vanish; one GEMM for all lanes.
+    return jnp.where(free, (lower + slack) @ gramian, 0.0)
+
+
+def _relative(residual, solution):
+    scale = jnp.maximum(1.0, jnp.max(jnp.abs(solution), axis=-1))
+    return jnp.max(jnp.abs(residual), axis=-1) / scale
+
+
+def _grow_ridge(ridge, broken, m):
+    # Factorisations start unridged (no bias); a breakdown retries that lane at a
+    # tiny ridge, then 1e4 and 1e8 times larger.
+    bigger = jnp.where(ridge == 0, 4 * m * eps(ridge.dtype), ridge * 1e4)
+    return jnp.where(broken, bigger, ridge)
+
+
+def _polish(gramian, lower, free, slack, ridge):
+    """Iterative refinement against the unridged system where it can matter: lanes
+    whose ridge grew past the first retry level (a bias above roundoff), or whose
+    residual is above roundoff. Not elsewhere: on a singular G_FF refinement moves s
+    along the null space (harmless to J^T v, but not to the clamp s >= 0)."""
+    m = gramian.shape[0]
+
+    def size(slack):
+        return _relative(_free_residual(gramian, lower, free, slack), lower + slack)
+
+    before = size(slack)
+    roundoff = 4 * m * eps(gramian.dtype)
+    needed = (ridge > roundoff) | (before > 25 * roundoff)
+
+    def refine(slack):
+        factor, system, rhs = factor_free_set(gramian, lower, free, ridge)
+        refined = refine_solution(factor, system, rhs, slack, 2)
+        better = needed & (size(refined) < before)
+        return jnp.where(better[:, None], refined, slack)
+
+    return lax.cond(jnp.any(needed), refine, lambda s: s, slack)
+
+
+def _lane_batches(k: int) -> list[int]:
+    # Fixed batch sizes k/8, k/4, k/2 (at least 4 lanes each), then all k.
+    sizes = sorted({size for size in (k // 8, k // 4, k // 2) if 4 <= size < k})
+    return sizes + [k]
+
+
+def _solve_active_lanes(g, u, free, ridge, slack, active):
+    # After the first round fewer and fewer lanes still pivot: factorise only those,
+    # gathered into the smallest fixed-size batch that holds them. Other lanes keep
+    # `slack`.
     k = u.shape[0]
-    small = max(4, k // 8)
-    if k < 2 * small:
-        return _solve_lanes(g, u, free, state.ridge)
+    sizes = _lane_batches(k)
 
-    def some(free):
-        lanes = jnp.argsort(~active, stable=True)[:small]
-        slack, factor, broken = _solve_lanes(
-            g, u[lanes], free[lanes], state.ridge[lanes]
-        )
-        return (
-            state.slack.at[lanes].set(slack),
-            state.factor.at[lanes].set(factor),
-            jnp.zeros((k,), bool).at[lanes].set(broken),
-        )
+    def gathered(size):
+        def solve(free):
+            lanes = jnp.argsort(~active, stable=True)[:size]
+            new, broken = _solve_lanes(g, u[lanes], free[lanes], ridge[lanes])
+            broken = jnp.zeros((k,), bool).at[lanes].set(broken)
+            return slack.at[lanes].set(new), broken & active
+
+        return solve
 
     def every(free):
-        return _solve_lanes(g, u, free, state.ridge)
+        new, broken = _solve_lanes(g, u, free, ridge)
+        return jnp.where(active[:, None], new, slack), broken & active
 
-    return lax.cond(jnp.sum(active) <= small, some, every, free)
+    if len(sizes) == 1:
+        return every(free)
+    branch = jnp.searchsorted(jnp.array(sizes), jnp.sum(active))
+    return lax.switch(branch, [gathered(size) for size in sizes[:-1]] + [every], free)
+
+
+def _solve_retrying(g, u, free, ridge, slack, active):
+    """Solves the `active` lanes on their partitions `free`. A lane whose G_FF is
+    singular (reg_eps=0 on a rank-deficient J) is solved again at a growing ridge;
+    returns the slacks, the lanes still broken after that, and the ridges."""
+    m = g.shape[0]
+
+    def again(carry):
+        slack, broken, ridge, tries = carry
+        ridge = _grow_ridge(ridge, broken, m)
+        slack, broken = _solve_active_lanes(g, u, free, ridge, slack, broken)
+        return slack, broken, ridge, tries + 1
+
+    def cond(carry):
+        return jnp.any(carry[1]) & (carry[3] < _RETRIES)
+
+    slack, broken = _solve_active_lanes(g, u, free, ridge, slack, active)
+    slack, broken, ridge, _ = lax.while_loop(
+        cond, again, (slack, broken, ridge, jnp.array(0))
+    )
+    return slack, broken, ridge
 
 
 def block_pivoting(
@@ -83,9 +160,11 @@ def block_pivoting(
     tol = 10 * eps(dtype)
     index = jnp.arange(m)[None, :]
 
-    ridge = jnp.full((k,), 4 * m * eps(dtype), dtype)
-    slack, factor, broken = _solve_lanes(g, u, free, ridge)
-    ridge = jnp.where(broken, ridge * 1e4, ridge)
+    every = jnp.ones((k,), bool)
+    zeros = jnp.zeros((k, m), dtype)
+    slack, broken, ridge = _solve_retrying(
+        g, u, free, jnp.zeros((k,), dtype), zeros, every
+    )
     infeasible = _infeasible(g, u, free, slack, tol) | broken[:, None]
     init = _BPPState(
         free=free,
@@ -94,7 +173,6 @@ def block_pivoting(
         best=jnp.full((k,), m + 1),
         budget=jnp.full((k,), _BUDGET),
         ridge=ridge,
-        factor=factor,
         step=jnp.array(0),
     )
 
@@ -115,24 +193,18 @@ def block_pivoting(
         flip = jnp.where(full[:, None], state.infeasible, index == largest[:, None])
         flip = flip & active[:, None]
         free = state.free ^ flip
-        slack, factor, broken = _solve_active_lanes(g, u, free, state, active)
-        # A breakdown (singular G_FF with reg_eps=0) keeps the lane's partition and
-        # retries next step with a larger ridge.
+        slack, broken, ridge = _solve_retrying(
+            g, u, free, state.ridge, state.slack, active
+        )
+        # A lane that breaks down even at the largest ridge keeps its partition.
         free = jnp.where(broken[:, None], state.free, free)
-        keep = broken | ~active
-        slack = jnp.where(keep[:, None], state.slack, slack)
-        factor = jnp.where(keep[:, None, None], state.factor, factor)
-        ridge = jnp.where(broken, state.ridge * 1e4, state.ridge)
+        slack = jnp.where(broken[:, None], state.slack, slack)
         infeasible = _infeasible(g, u, free, slack, tol) | broken[:, None]
         infeasible = infeasible & active[:, None]
-        return _BPPState(
-            free, slack, infeasible, best, budget, ridge, factor, state.step + 1
-        )
+        return _BPPState(free, slack, infeasible, best, budget, ridge, state.step + 1)
 
     final = lax.while_loop(cond, body, init)
-    system = masked_system(g, final.free)
-    rhs = jnp.where(final.free, -(u @ g), 0.0)
-    slack = refine_solution(final.factor, system, rhs, final.slack, 2)
+    slack = _polish(g, u, final.free, final.slack, final.ridge)
     slack = jnp.where(final.free, jnp.maximum(slack, 0.0), 0.0)
     return u + slack, ~jnp.any(final.infeasible)
 
@@ -151,8 +223,13 @@ class BPP(AbstractQPSolver):
     cold start is $F = \{j : (\hat G \hat u)_j < 0\}$, the rows that conflict.
 
     All lanes run in one `lax.while_loop` with a done mask; the loop stops when every
-    lane has an empty infeasible set (typically 1 to 6 steps) or at `max_steps`. For
-    $m \leq 2$ all free sets are enumerated instead (exact, no loop).
+    lane has an empty infeasible set (typically 1 to 6 steps) or at `max_steps`. Each
+    step factorises only the lanes still pivoting (gathered into batches of $k/8$,
+    $k/4$, $k/2$ or $k$ lanes), and the Cholesky factor of the system bordered by its
+    right-hand side gives the forward substitution for free. Factorisations are
+    unridged; a (nearly) singular $\hat G_{FF}$ (`reg_eps=0` on a rank-deficient
+    Jacobian) is retried at a growing ridge, then refined against the unridged
+    system. For $m \leq 2$ all free sets are enumerated instead (exact, no loop).
 
     Júdice & Pires, *A block principal pivoting algorithm for large-scale strictly
     monotone linear complementarity problems*, Comput. Oper. Res. 21(5), 1994.

@@ -68,6 +68,34 @@ def cho_solve(
     return x[:, 0, :]
 
 
+def bordered_solve(
+    matrix: Float[Array, "k m m"], rhs: Float[Array, "k m"]
+) -> tuple[Float[Array, "k m"], Float[Array, " k"]]:
+    r"""$x = A^{-1} b$ per lane, $A$ symmetric positive definite (lower triangle read).
+
+    The Cholesky factor of the bordered matrix $\begin{pmatrix} A & b \\ b^\top & c
+    \end{pmatrix}$ has $(L^{-1} b)^\top$ as its last row, so the forward substitution
+    comes with the factorisation and only one triangular solve is left (on CPU each
+    batched triangular solve is one LAPACK call per lane, as costly as the
+    factorisation for small m). The corner $c$ only has to exceed $b^\top A^{-1} b$.
+    A lane whose factorisation breaks down returns non-finite values.
+    """
+    k, m = rhs.shape
+    dtype = rhs.dtype
+    corner = jnp.full((k, 1, 1), jnp.sqrt(jnp.finfo(dtype).max), dtype)
+    top = jnp.concatenate([matrix, rhs[:, :, None]], axis=2)
+    bottom = jnp.concatenate([rhs[:, None, :], corner], axis=2)
+    bordered = jnp.concatenate([top, bottom], axis=1)
+    factor = lax.linalg.cholesky(bordered, symmetrize_input=False)
+    # Solve x L = [L^{-1} b, 0] with the bordered factor: its last entry is 0.
+    forward = jnp.where(jnp.arange(m + 1) < m, factor[:, m, :], 0.0)
+    x = lax.linalg.triangular_solve(
+        factor, forward[:, None, :], left_side=False, lower=True
+    )
+    pivots = jnp.diagonal(factor, axis1=1, axis2=2)[:, :m] ** 2
+    return x[:, 0, :m], jnp.min(pivots, axis=-1, initial=jnp.inf)
+
+
 def factor_free_set(
     gramian: Float[Array, "m m"],
     lower: Float[Array, "k m"],
@@ -77,10 +105,22 @@ def factor_free_set(
     """The masked system of `solve_on_free_set`, its right-hand side and the Cholesky
     factor of the ridged system."""
     system = masked_system(gramian, free)
-    rhs = jnp.where(free, -(lower @ gramian), 0.0)
-    eye = jnp.eye(gramian.shape[0], dtype=gramian.dtype)
-    ridged = system + jnp.where(free, ridge[:, None], 0.0)[:, :, None] * eye[None]
-    return jnp.linalg.cholesky(ridged), system, rhs
+    rhs = free_rhs(gramian, lower, free)
+    return jnp.linalg.cholesky(add_ridge(system, free, ridge)), system, rhs
+
+
+def free_rhs(
+    gramian: Float[Array, "m m"], lower: Float[Array, "k m"], free: Bool[Array, "k m"]
+) -> Float[Array, "k m"]:
+    """$-(G u)_F$, and 0 off $F$."""
+    return jnp.where(free, -(lower @ gramian), 0.0)
+
+
+def add_ridge(
+    system: Float[Array, "k m m"], free: Bool[Array, "k m"], ridge: Float[Array, " k"]
+) -> Float[Array, "k m m"]:
+    eye = jnp.eye(system.shape[-1], dtype=system.dtype)
+    return system + jnp.where(free, ridge[:, None], 0.0)[:, :, None] * eye[None]
 
 
 def refine_solution(factor, system, rhs, s, steps: int):
