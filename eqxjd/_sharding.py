@@ -10,9 +10,9 @@ Two layouts of the Jacobian $J \in \mathbb{R}^{m \times n}$:
   Jacobians of its share of the batch; the blocks $J_d J_e^\top$ are formed by
   passing the local Jacobians around a ring (`ppermute`), the row blocks of $G$ are
   all-gathered,
-  every device computes the same weights from the same $G$, and the update is a local
-  VJP followed by a `psum` ([`eqxjd.data_parallel_value_and_update`][]). Memory per
-  device: two local per-sample Jacobians, never the full one.
+  one device computes the weights from $G$ and broadcasts them, and the update is a
+  local VJP followed by a `psum` ([`eqxjd.data_parallel_value_and_update`][]). Memory
+  per device: two local per-sample Jacobians, never the full one.
 """
 
 from collections.abc import Callable
@@ -58,6 +58,33 @@ def _check_axis(mesh: Mesh, axis_name: str) -> int:
             f"`axis_name` {axis_name!r} is not an axis of the mesh {mesh.axis_names}."
         )
     return mesh.shape[axis_name]
+
+
+def _on_one_device(fn: Callable, mesh: Mesh, *args: PyTree) -> PyTree:
+    """`fn(*args)` (replicated arguments) computed by the first device of `mesh` only
+    and broadcast to all of them.
+
+    Why not on every device: on CPU, jaxlib's batched LAPACK kernels (e.g. the Cholesky
+    factorisations of UPGrad's solver) split their batch over XLA's intra-op thread
+    pool and block until it is done. With every device of the mesh doing so at once,
+    all the pool's threads wait and none is left to do the work: a deadlock (seen with
+    8 host devices). Here one device uses the pool; the others wait in the `psum` on
+    XLA's per-device threads, outside the pool.
+    """
+    axes = mesh.axis_names
+
+    def skip(*args):
+        shapes = jax.eval_shape(fn, *args)
+        return jtu.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+
+    def body(*args):
+        out = lax.cond(lax.axis_index(axes) == 0, fn, skip, *args)
+        # The other devices contribute zeros, so the sum is the first device's value.
+        return jtu.tree_map(lambda x: lax.psum(x, axes).astype(x.dtype), out)
+
+    return jax.shard_map(body, mesh=mesh, in_specs=P(), out_specs=P(), check_vma=False)(
+        *args
+    )
 
 
 def sharded_gramian(
@@ -119,10 +146,10 @@ def data_parallel_value_and_update(
     Each device computes the per-sample Jacobians $J_d$ of its `B / D` samples; the
     Gramian blocks $J_d J_e^\top$ are obtained by passing $J_e$ around a ring of the
     `D` devices (`D` `ppermute`s), the row blocks of $G$ are all-gathered, the weights
-    are computed from the replicated $G$ (outside the `shard_map`, so the weighting's
-    solver loop never sits between collectives), and the update is each device's VJP
-    of $\sum_{i \in d} w_i \ell_i$ (one more local forward pass), summed with a
-    `psum`. The result
+    are computed from $G$ by one device and broadcast (on CPU, every device running
+    the weighting's batched LAPACK calls at once can deadlock XLA's thread pool), and
+    the update is each device's VJP of $\sum_{i \in d} w_i \ell_i$ (one more local
+    forward pass), summed with a `psum`. The result
     equals the single-device [`eqxjd.gramian_value_and_update`][] with
     `per_sample=True`.
 
@@ -202,6 +229,11 @@ def data_parallel_value_and_update(
 
     batch_specs = tuple(jtu.tree_map(lambda _: P(axis_name), b) for b in batch)
 
+    def weigh(g, state, key):
+        if stateful:
+            return weighting(g, state, key=key)
+        return weighting(g, key=key), state
+
     def run(diff, state, key, *batch):
         losses, g = jax.shard_map(
             gramian_part,
@@ -211,12 +243,7 @@ def data_parallel_value_and_update(
             check_vma=False,
         )(diff, *batch)
         g = _symmetrize(g)
-        # The weighting runs outside the shard_map, on the replicated Gramian (its
-        # solver loops then never sit between collectives).
-        if stateful:
-            weights, state = weighting(g, state, key=key)
-        else:
-            weights = weighting(g, key=key)
+        weights, state = _on_one_device(weigh, mesh, g, state, key)
         weights = jnp.reshape(weights, losses.shape).astype(losses.dtype)
         if not weighting.differentiable:
             weights = lax.stop_gradient(weights)

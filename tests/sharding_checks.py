@@ -57,10 +57,14 @@ class _SoftminWeighting(eqxjd.AbstractWeighting):
 
 
 def _weightings():
-    # UPGrad is left out: on 8 simulated CPU devices (2 cores) its solver loop was seen
-    # to hang inside the multi-device program (see the issue-6 report). Two weightings
-    # that read the Gramian and one that ignores it.
-    return {"softmin": _SoftminWeighting(), "mean": eqxjd.MeanWeighting()}
+    # Two weightings that read the Gramian and one that ignores it. UPGrad's solver
+    # makes batched LAPACK calls that, run by every device at once, used to deadlock
+    # XLA's CPU thread pool.
+    return {
+        "softmin": _SoftminWeighting(),
+        "upgrad": eqxjd.UPGradWeighting(),
+        "mean": eqxjd.MeanWeighting(),
+    }
 
 
 def _sample_loss(model, x, y):
@@ -89,11 +93,17 @@ def main() -> dict[str, float]:
 
     # 1. Data parallel (batch split over devices), explicit shard_map ring version.
     weightings = _weightings()
-    cases = (
-        ("iwrm", _sample_loss, "softmin", True),
-        ("iwmtl", _task_losses, "softmin", True),
-        ("iwrm_partial", _sample_loss, "softmin", spec),
-    )
+    # iwmtl has m = 32 objectives: UPGrad's batched Cholesky is then large enough for
+    # jaxlib to split it over the thread pool (the case that deadlocked).
+    cases = [
+        (tag, loss, name, filt)
+        for tag, loss, filt in (
+            ("iwrm", _sample_loss, True),
+            ("iwmtl", _task_losses, True),
+            ("iwrm_partial", _sample_loss, spec),
+        )
+        for name in ("softmin", "upgrad")
+    ]
     for tag, loss, name, filt in cases:
         weighting = weightings[name]
         single = eqx.filter_jit(eqxjd.gramian_value_and_update)(
@@ -110,7 +120,7 @@ def main() -> dict[str, float]:
             filter_spec=filt,
         )
         results[f"data_parallel/{tag}/{name}"] = _rel(multi, single)
-        _log(tag)
+        _log(f"{tag}/{name}")
     # Inputs already placed on the mesh stay sharded.
     shard = NamedSharding(mesh, P("data"))
     multi = eqxjd.data_parallel_value_and_update(
@@ -179,6 +189,7 @@ def main() -> dict[str, float]:
     aggregators = {
         "mean": eqxjd.Mean(),
         "softmin": eqxjd.GramianWeightedAggregator(_SoftminWeighting()),
+        "upgrad": eqxjd.UPGrad(),
     }
     for name, aggregator in aggregators.items():
         single = aggregator(jac)

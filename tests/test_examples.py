@@ -1,7 +1,11 @@
 """Every example runs in a quick mode, saves its plot and makes its losses go down."""
 
 import importlib.util
+import os
 import pathlib
+import re
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -92,3 +96,29 @@ def test_iwmtl(capsys):
     history, printed = run("iwmtl", capsys)
     assert_went_down(history)
     assert "Gramian" in printed
+
+
+def test_sharded_iwrm():
+    # 8 host devices must be requested before JAX starts: a fresh process.
+    pytest.importorskip("matplotlib")
+    png = EXAMPLES / "output" / "sharded_iwrm.png"
+    png.unlink(missing_ok=True)
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+    proc = subprocess.run(
+        [sys.executable, "-c", "import sharded_iwrm; sharded_iwrm.main(quick=True)"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+        cwd=EXAMPLES,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    printed = proc.stdout
+    assert "mesh: 8 device(s)" in printed
+    diff = re.search(r"one device\| = (\S+)", printed)
+    assert diff is not None and float(diff.group(1)) < 1e-4, printed
+    lines = printed.splitlines()
+    losses = [float(line.split()[-1]) for line in lines if "mean loss" in line]
+    assert len(losses) == 4 and losses[-1] < losses[0], printed
+    assert png.exists()
