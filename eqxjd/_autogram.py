@@ -8,8 +8,9 @@ Two paths compute $G = J J^\top$ of a loss vector w.r.t. (a filtered part of) a 
   `chunk_size` rows of $J$ exist at once.
 - [`eqxjd.per_sample_value_and_gramian`][]: losses that decompose over a batch
   (`loss_fn(params, *sample)` per sample). Per-sample Jacobians are computed for
-  `chunk_size` samples at a time and $G$ is accumulated block by block and leaf by leaf;
-  at most two chunks of per-sample Jacobians exist at once.
+  `chunk_size` samples at a time; $G$ is filled chunk by chunk, from JVPs in the
+  directions of one chunk's gradients (dense models) or from block products of two
+  chunks of gradients (any model).
 
 [`eqxjd.gramian_value_and_update`][] then applies a Gramian weighting and returns the
 update $\nabla_\theta \sum_i w_i \ell_i$ as one VJP: the Jacobian is never kept.
@@ -248,26 +249,95 @@ def _per_sample_gramian(
     if chunk_size is None or chunk_size >= size:
         rows = chunk_rows(batch)
         return _symmetrize(_block(rows, rows, dtype))
+    if _forward_mode_is_cheap(vec, gram, batch):
+        return _forward_gramian(vec, gram, batch, size, tasks, dtype, chunk_size)
+    return _pairwise_gramian(chunk_rows, batch, size, tasks, dtype, chunk_size)
 
-    c = chunk_size
-    k = -(-size // c)
 
-    # Chunk i covers samples [start(i), start(i) + c) with start(i) = min(i c, B - c):
-    # the last chunk overlaps the previous one when c does not divide B (overlapping
-    # blocks are written twice with the same values). No padding, no gather.
-    def start(i):
-        return jnp.minimum(i * c, size - c)
+def _chunk_starts(size: int, c: int) -> Array:
+    # Chunk i covers samples [start_i, start_i + c) with start_i = min(i c, B - c): the
+    # last chunk overlaps the previous one when c does not divide B (overlapping
+    # entries are written twice with the same values). No padding.
+    return jnp.minimum(jnp.arange(-(-size // c)) * c, size - c)
+
+
+def _task_rows(samples: Array, tasks: int) -> Array:
+    return jnp.ravel(samples[:, None] * tasks + jnp.arange(tasks)[None, :])
+
+
+def _forward_mode_is_cheap(vec: Callable[..., Array], gram: PyTree, batch) -> bool:
+    """Whether one sample's JVP costs at most ~8 flops per parameter (dense layers:
+    about 6), i.e. about as much as dots with a few gradients; with weight sharing
+    (convolutions, sequences) it costs far more."""
+    spec = jtu.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), gram)
+    sample = jtu.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype), batch)
+
+    def jvp(g, *s):
+        return jax.jvp(lambda p: vec(p, *s), (g,), (g,))
+
+    try:  # forward mode may be unsupported (a `jax.custom_vjp` in the model)
+        cost = jax.jit(jvp).lower(spec, *sample).cost_analysis()
+    except (TypeError, NotImplementedError):
+        return False
+    cost = cost[0] if isinstance(cost, (list, tuple)) and cost else cost
+    flops = cost.get("flops") if isinstance(cost, dict) else None
+    params = sum(math.prod(x.shape) for x in jtu.tree_leaves(gram))
+    return flops is not None and 0 < flops <= 8 * params
+
+
+def _forward_gramian(vec, gram, batch, size, tasks, dtype, c) -> Array:
+    """Dense-layer models: per chunk $a$, $J_a$ (c per-sample gradients) once, then the
+    entries $G_{ij} = \\partial_{g_i} \\ell_j$ as JVPs of the losses of chunks
+    $a, \\dots, a + k/2$ (mod k) in the $c$ directions $g_i$. Each chunk pair is covered
+    (by symmetry) with $k$ chunk Jacobians instead of $k(k+1)/2$, and the contractions
+    are large matmuls (directions x samples) instead of $c \\times c$ dots over $n$."""
+    per_sample_jac = jax.vmap(jax.jacrev(vec), in_axes=(None,) + (0,) * len(batch))
+    losses_of = jax.vmap(vec, in_axes=(None,) + (0,) * len(batch))
+    starts = _chunk_starts(size, c)
+    k = starts.shape[0]
+
+    def take(samples):
+        return jtu.tree_map(lambda x: jnp.take(x, samples, axis=0), batch)
+
+    def body(a, g):
+        own = starts[a] + jnp.arange(c)
+        partners = jnp.concatenate(
+            [starts[(a + j) % k] + jnp.arange(c) for j in range(k // 2 + 1)]
+        )
+        jac = per_sample_jac(gram, *take(own))  # leaves (c, T, *leaf_shape)
+        directions = jtu.tree_map(lambda x: jnp.reshape(x, (-1, *x.shape[2:])), jac)
+        sub = take(partners)
+
+        def column(t):
+            return jax.jvp(lambda p: losses_of(p, *sub), (gram,), (t,))[1]
+
+        with jax.default_matmul_precision("highest"):
+            blk = jax.vmap(column)(directions)
+        blk = jnp.reshape(blk, (c * tasks, -1)).astype(dtype)
+        rows, cols = _task_rows(own, tasks), _task_rows(partners, tasks)
+        g = g.at[rows[:, None], cols[None, :]].set(blk)
+        return g.at[cols[:, None], rows[None, :]].set(blk.T)
+
+    g = lax.fori_loop(0, k, body, jnp.zeros((size * tasks,) * 2, dtype))
+    return _symmetrize(g)
+
+
+def _pairwise_gramian(chunk_rows, batch, size, tasks, dtype, c) -> Array:
+    """Any model: blocks $G_{ab}$ for chunk pairs $a \\le b$, chunk $b$ recomputed for
+    each $a$ ($k(k+1)/2$ chunk Jacobians), two chunks of gradients alive at once."""
+    starts = _chunk_starts(size, c)
+    k = starts.shape[0]
 
     def chunk(i):
-        return jtu.tree_map(lambda x: lax.dynamic_slice_in_dim(x, start(i), c), batch)
+        return jtu.tree_map(lambda x: lax.dynamic_slice_in_dim(x, starts[i], c), batch)
 
     def outer(a, g):
         rows_a = chunk_rows(chunk(a))
-        row = start(a) * tasks
+        row = starts[a] * tasks
         g = lax.dynamic_update_slice(g, _block(rows_a, rows_a, dtype), (row, row))
 
         def inner(b, g):
-            col = start(b) * tasks
+            col = starts[b] * tasks
             blk = _block(rows_a, chunk_rows(chunk(b)), dtype)
             g = lax.dynamic_update_slice(g, blk, (row, col))
             return lax.dynamic_update_slice(g, blk.T, (col, row))
@@ -334,12 +404,22 @@ def per_sample_value_and_gramian(
     The losses are $\ell_{i} = $ `loss_fn(params, *sample_i)` (a scalar, or a vector of
     `T` tasks for instance-wise multi-task learning), for the `B` samples in `batch`.
     Per-sample Jacobians are computed `chunk_size` samples at a time (`vmap` of
-    `jacrev`), and $G$ is accumulated block by block, leaf by leaf: blocks
-    $G_{ab} = \sum_\ell J_{a,\ell} J_{b,\ell}^\top$ for chunk pairs $a \le b$, so at
-    most two chunks of per-sample Jacobians are alive, $O(2\,c\,T\,n)$ memory instead
-    of $O(B\,T\,n)$. Chunk $b$ is recomputed for each $a < b$: $k(k+1)/2$ chunk
-    Jacobians for $k = \lceil B / c \rceil$ chunks, cheap next to the $O(B^2 n)$
-    contractions.
+    `jacrev`), so at most $O(2\,c\,T\,n)$ memory instead of $O(B\,T\,n)$, in one
+    of two ways, $k = \lceil B / c \rceil$ chunks:
+
+    - forward: when a JVP of one sample costs at most ~8 flops per parameter (dense
+      layers; estimated from XLA's cost analysis) and forward mode is supported, the
+      Jacobian $J_a$ of each chunk is computed once and the entries
+      $G_{ij} = \langle \nabla \ell_i, \nabla \ell_j \rangle$ for $i$ in chunk
+      $a$ and $j$ in chunks $a, \dots, a + k/2$ (mod $k$) come from JVPs of those
+      losses in the directions $\nabla \ell_i$: $k$ chunk Jacobians, and large
+      matmuls (directions $\times$ samples) instead of $c \times c$ dots over $n$.
+    - pairwise (any model, e.g. convolutions, where a JVP costs far more than a
+      dot): blocks $G_{ab} = \sum_\ell J_{a,\ell} J_{b,\ell}^\top$ for chunk
+      pairs $a \le b$, chunk $b$ recomputed for each $a < b$: $k(k+1)/2$ chunk
+      Jacobians.
+
+    Both are exact (up to rounding).
 
     !!! warning "Batch independence"
 

@@ -393,3 +393,139 @@ def test_bad_input(getkey):
         eqxjd.per_sample_value_and_gramian(
             _sample_loss, model, xs, ys, check_independence=True
         )
+
+
+# ------------------------------------------- the two chunked per-sample strategies
+
+
+class _LinearStack(eqx.Module):
+    """Hand-written dense layers (no eqx.nn.MLP)."""
+
+    layers: tuple[eqx.nn.Linear, ...]
+
+    def __init__(self, key, out=1):
+        k1, k2, k3 = jr.split(key, 3)
+        self.layers = (
+            eqx.nn.Linear(3, 5, key=k1, dtype=jnp.float64),
+            eqx.nn.Linear(5, 4, use_bias=False, key=k2, dtype=jnp.float64),
+            eqx.nn.Linear(4, out, key=k3, dtype=jnp.float64),
+        )
+
+    def __call__(self, x):
+        for layer in self.layers[:-1]:
+            x = jax.nn.softplus(layer(x))
+        return self.layers[-1](x)
+
+
+class _ConvLinear(eqx.Module):
+    """A Linear layer feeding a small Conv2d (a non-dense parametrised layer)."""
+
+    linear: eqx.nn.Linear
+    conv: eqx.nn.Conv2d
+
+    def __init__(self, key, out=1):
+        k1, k2 = jr.split(key)
+        self.linear = eqx.nn.Linear(3, 16, key=k1, dtype=jnp.float64)
+        self.conv = eqx.nn.Conv2d(1, out, 4, key=k2, dtype=jnp.float64)
+
+    def __call__(self, x):
+        h = jnp.tanh(self.linear(x)).reshape(1, 4, 4)
+        return jnp.ravel(self.conv(h))  # (out,)
+
+
+_MODELS = {
+    "mlp": lambda key, out: _mlp(key, out=out),
+    "stack": _LinearStack,
+    "conv": _ConvLinear,
+}
+
+
+@pytest.fixture(params=["forward", "pairwise"])
+def strategy(request, monkeypatch):
+    """Forces one chunked strategy (the choice is otherwise made from a cost
+    estimate); each test jits afresh so that no trace of the other one is reused."""
+    forward = request.param == "forward"
+    monkeypatch.setattr(
+        eqxjd._autogram, "_forward_mode_is_cheap", lambda *args: forward
+    )
+    return request.param
+
+
+@pytest.mark.parametrize("name", sorted(_MODELS))
+@pytest.mark.parametrize("tasks", [None, 2])
+def test_chunked_strategies_exact(getkey, strategy, name, tasks):
+    out = tasks or 1
+    model = _MODELS[name](getkey(), out)
+    xs, ys = _data(getkey(), batch=7, out=out)
+    loss = _task_losses if tasks else _sample_loss
+    batched = jax.vmap(loss, in_axes=(None, 0, 0))
+    expected = eqxjd.tree_gramian(
+        _full_jacobian(lambda m, x, y: batched(m, x, y), model, xs, ys)
+    )
+    per_sample = eqx.filter_jit(eqxjd.per_sample_value_and_gramian)
+    for chunk in (2, 3, 4):  # 2 and 3 leave an overlapping last chunk; k = 2 for 4
+        losses, g = per_sample(loss, model, xs, ys, chunk_size=chunk)
+        assert g.shape == (7 * out, 7 * out)
+        assert rel_err(g, expected) < 1e-10
+        assert jnp.array_equal(g, g.T)
+    _, g = per_sample(
+        lambda m, x, y: batched(m, x, y), model, xs, ys, batched=True, chunk_size=3
+    )
+    assert rel_err(g, expected) < 1e-10
+
+
+def test_chunked_strategies_partial_jd(getkey, strategy):
+    model = _LinearStack(getkey())
+    xs, ys = _data(getkey())
+    spec = jtu.tree_map(lambda _: False, model)
+    spec = eqx.tree_at(lambda m: m.layers[1].weight, spec, replace=True)
+    jac = _full_jacobian(_batched_loss, model, xs, ys)
+    expected = eqxjd.tree_gramian(jac.layers[1].weight)
+    update = eqx.filter_jit(eqxjd.gramian_value_and_update)
+    out = update(
+        _sample_loss,
+        _SoftminWeighting(),
+        model,
+        xs,
+        ys,
+        per_sample=True,
+        chunk_size=3,
+        filter_spec=spec,
+    )
+    assert rel_err(out.gramian, expected) < 1e-10
+    full = jtu.tree_map(lambda leaf: jnp.tensordot(out.weights, leaf, axes=1), jac)
+    assert eqx.tree_equal(out.updates, full, rtol=1e-10, atol=1e-14)
+
+
+def test_strategy_choice(getkey):
+    cheap = eqxjd._autogram._forward_mode_is_cheap
+    wide = eqx.nn.MLP(32, 1, 64, 2, key=getkey(), dtype=jnp.float64)
+    xs = jr.normal(getkey(), (7, 32), jnp.float64)
+    ys = jr.normal(getkey(), (7, 1), jnp.float64)
+    gram, static = eqx.partition(wide, eqx.is_inexact_array)
+
+    def vec(g, x, y):
+        return jnp.reshape(_sample_loss(eqx.combine(g, static), x, y), (-1,))
+
+    assert cheap(vec, gram, (xs, ys))  # dense layers: ~2 flops per parameter
+    conv = _ConvNet(getkey())
+    images = jr.normal(getkey(), (7, 1, 6, 6), jnp.float64)
+    conv_gram, conv_static = eqx.partition(conv, eqx.is_inexact_array)
+    conv_vec = lambda g, x: eqx.combine(g, conv_static)(x)[None]
+    assert not cheap(conv_vec, conv_gram, (images,))  # weight sharing: many more
+
+    @jax.custom_vjp
+    def square(x):
+        return x**2
+
+    square.defvjp(lambda x: (x**2, x), lambda x, ct: (2 * x * ct,))
+
+    def loss(m, x, y):
+        return square(_sample_loss(m, x, y))
+
+    # Forward mode unsupported: the pairwise strategy, still exact.
+    assert not cheap(lambda g, x, y: square(vec(g, x, y)), gram, (xs, ys))
+    batched = jax.vmap(loss, in_axes=(None, 0, 0))
+    expected = eqxjd.tree_gramian(_full_jacobian(batched, wide, xs, ys))
+    _, g = _per_sample(loss, wide, xs, ys, chunk_size=3)
+    assert rel_err(g, expected) < 1e-10
