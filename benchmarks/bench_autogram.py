@@ -4,8 +4,9 @@ Instance-wise risk minimisation (one loss per sample) with UPGrad on an MLP
 784 -> 1024 -> 512 -> 10 (1,333,770 parameters, float32, CPU), at batch 64, 256, 1024:
 
 - `gramian`: `eqxjd.gramian_value_and_update(..., per_sample=True, chunk_size=32)`:
-  per-sample gradients of 32 samples at a time, G accumulated block by block, the update
-  as one VJP. The (B, n) Jacobian is never formed.
+  per-sample gradients of 32 samples at a time, G's entries from JVPs in their
+  directions (dense model: the forward strategy), the update as one VJP. The (B, n)
+  Jacobian is never formed.
 - `full_jac`: the per-sample Jacobian (B, n) from `jax.vmap(jax.grad(...))`, then
   `eqxjd.aggregate(eqxjd.UPGrad(), J)` (the autojac path).
 - `torchjd`: `torchjd.autogram.Engine(model, batch_dim=0)`, `UPGradWeighting()(G)`,
@@ -24,9 +25,15 @@ after one warm-up call.
         [--torch-python /path/to/python]
 """
 
+import os
+
+
+# jaxlib's LAPACK (OpenBLAS) threads potrf from n = 128 on; UPGrad's per-lane
+# factorisations at m >= 128 then slow down 10-100x on a small machine. One thread.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
 import argparse
 import json
-import os
 import resource
 import statistics
 import subprocess
