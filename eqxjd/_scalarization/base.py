@@ -127,6 +127,33 @@ def check_same_shape(
         )
 
 
+def check_weights_and_reference(
+    weights: Shaped[Array, "..."] | None, reference: Shaped[Array, "..."] | None
+) -> None:
+    """At construction: `weights` and `reference`, when both given, share a shape."""
+    if weights is not None and reference is not None:
+        if weights.shape != reference.shape:
+            raise ValueError(
+                f"`weights` (shape {weights.shape}) and `reference` (shape "
+                f"{reference.shape}) must have the same shape as the losses."
+            )
+
+
+def shifted_losses(
+    losses: Float[Array, "*shape"],
+    weights: Shaped[Array, "..."] | None,
+    reference: Shaped[Array, "..."] | None,
+) -> Float[Array, "*shape"]:
+    """Checks `losses` against `weights` / `reference` and returns $L - z^*$ (or $L$
+    without a reference)."""
+    check_losses(losses)
+    check_same_shape(weights, losses, "weights")
+    check_same_shape(reference, losses, "reference")
+    if reference is None:
+        return losses
+    return losses - constant(reference, losses.dtype)
+
+
 def as_float_array(value: ArrayLike | None) -> Float[Array, "..."] | None:
     """Converter for optional per-loss arrays: a floating JAX array (or `None`)."""
     if value is None:

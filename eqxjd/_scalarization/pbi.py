@@ -6,10 +6,10 @@ from .._custom_types import ScalarLike
 from .base import (
     AbstractScalarizer,
     as_float_array,
-    check_losses,
-    check_same_shape,
     check_scalar,
+    check_weights_and_reference,
     constant,
+    shifted_losses,
 )
 
 
@@ -40,23 +40,13 @@ class PBI(AbstractScalarizer):
 
     def __check_init__(self):
         check_scalar(self.theta, "theta")
-        if self.reference is not None and self.weights.shape != self.reference.shape:
-            raise ValueError(
-                f"`weights` (shape {self.weights.shape}) and `reference` (shape "
-                f"{self.reference.shape}) must have the same shape as the losses."
-            )
+        check_weights_and_reference(self.weights, self.reference)
 
     def __call__(
         self, losses: Float[Array, "*shape"], /, *, key: PRNGKeyArray | None = None
     ) -> Float[Array, ""]:
-        check_losses(losses)
-        check_same_shape(self.weights, losses, "weights")
-        check_same_shape(self.reference, losses, "reference")
         dtype = losses.dtype
-        shifted = losses
-        if self.reference is not None:
-            shifted = losses - constant(self.reference, dtype)
-        f = shifted.reshape(-1)
+        f = shifted_losses(losses, self.weights, self.reference).reshape(-1)
         direction = constant(self.weights, dtype).reshape(-1)
         direction = direction / jnp.sqrt(jnp.sum(direction * direction))
         d1 = jnp.sum(f * direction)

@@ -7,10 +7,10 @@ from .._custom_types import ScalarLike
 from .base import (
     AbstractScalarizer,
     as_float_array,
-    check_losses,
-    check_same_shape,
     check_scalar,
+    check_weights_and_reference,
     constant,
+    shifted_losses,
 )
 
 
@@ -38,30 +38,17 @@ class STCH(AbstractScalarizer):
 
     def __check_init__(self):
         check_scalar(self.mu, "mu", strictly_positive=True)
-        if (
-            self.weights is not None
-            and self.reference is not None
-            and self.weights.shape != self.reference.shape
-        ):
-            raise ValueError(
-                f"`weights` (shape {self.weights.shape}) and `reference` (shape "
-                f"{self.reference.shape}) must have the same shape as the losses."
-            )
+        check_weights_and_reference(self.weights, self.reference)
 
     def __call__(
         self, losses: Float[Array, "*shape"], /, *, key: PRNGKeyArray | None = None
     ) -> Float[Array, ""]:
-        check_losses(losses)
-        check_same_shape(self.weights, losses, "weights")
-        check_same_shape(self.reference, losses, "reference")
+        shifted = shifted_losses(losses, self.weights, self.reference)
         dtype = losses.dtype
         if self.weights is None:
             weights = jnp.full(losses.shape, 1 / max(losses.size, 1), dtype)
         else:
             weights = constant(self.weights, dtype)
-        shifted = losses
-        if self.reference is not None:
-            shifted = losses - constant(self.reference, dtype)
         y = (weights * shifted).reshape(-1)
         mu = constant(self.mu, dtype)
         # The shift by max(y) is value-preserving (paper, Appendix B.1); stopping its
