@@ -347,6 +347,19 @@ def _check_weights(aggregator: Any, weights: Any) -> None:
 # --------------------------------------------------------------------------------------
 
 
+def _losses_and_jac(step, model, args, kwargs):
+    # `step`: a _ValueAndJac or _ValueAndAggregate (both carry fn, has_aux, chunk_size).
+    return _value_and_jac(
+        step.fn,
+        model,
+        args,
+        kwargs,
+        step.has_aux,
+        step.chunk_size,
+        _fn_name(step.fn),
+    )
+
+
 class _ValueAndJac(eqx.Module):
     fn: Callable
     has_aux: bool = eqx.field(static=True)
@@ -357,15 +370,7 @@ class _ValueAndJac(eqx.Module):
         return self.fn
 
     def __call__(self, model, /, *args, **kwargs):
-        losses, aux, jac = _value_and_jac(
-            self.fn,
-            model,
-            args,
-            kwargs,
-            self.has_aux,
-            self.chunk_size,
-            _fn_name(self.fn),
-        )
+        losses, aux, jac = _losses_and_jac(self, model, args, kwargs)
         value = (losses, aux) if self.has_aux else losses
         return value, jac
 
@@ -436,9 +441,7 @@ class _ValueAndAggregate(eqx.Module):
         """The aggregator's initial state for this model and these arguments (`None`
         for stateless aggregators). Traces `fn` abstractly: nothing is computed."""
         shapes = eqx.filter_eval_shape(
-            lambda mdl, a, kw: _value_and_jac(
-                self.fn, mdl, a, kw, self.has_aux, self.chunk_size, _fn_name(self.fn)
-            )[2],
+            lambda mdl, a, kw: _losses_and_jac(self, mdl, a, kw)[2],
             model,
             args,
             kwargs,
@@ -446,15 +449,7 @@ class _ValueAndAggregate(eqx.Module):
         return _init_from_shapes(self.aggregator, shapes)
 
     def __call__(self, model, /, *args, agg_state=None, agg_key=None, **kwargs):
-        losses, aux, jac = _value_and_jac(
-            self.fn,
-            model,
-            args,
-            kwargs,
-            self.has_aux,
-            self.chunk_size,
-            _fn_name(self.fn),
-        )
+        losses, aux, jac = _losses_and_jac(self, model, args, kwargs)
         update, weights, state = _aggregate_any(
             self.aggregator,
             jac,
