@@ -10,7 +10,13 @@ import numpy as np
 import pytest
 from eqxjd._dual_cone import project_onto_dual_cone
 from eqxjd._solver.base import to_solver
-from eqxjd._solver.common import enumerate_free_sets
+from eqxjd._solver.bpp import _inverse, _solve_reduced
+from eqxjd._solver.common import (
+    enumerate_free_sets,
+    jacobi_scale,
+    members_first,
+    solve_on_free_set,
+)
 
 from .helpers import conflicting, jacobian_kinds, load_reference, low_rank, rel_err
 
@@ -377,3 +383,64 @@ def test_small_m_closed_form():
     expected = jnp.array([[1.0, 0.25], [0.5, 1.0]])
     assert result == eqxjd.RESULTS.successful
     assert rel_err(v, expected) <= 1e-14
+
+
+# --- BPP's reduced (half-size primal or dual) solves and its full-size phase ----------
+
+
+def test_members_first_is_a_stable_partition():
+    mask = np.asarray(jr.bernoulli(jr.key(10), 0.5, (5, 9)))
+    expected = np.argsort(~mask, axis=-1, kind="stable")
+    assert np.array_equal(np.asarray(members_first(jnp.asarray(mask))), expected)
+    assert np.array_equal(np.asarray(members_first(jnp.asarray(mask[0]))), expected[0])
+
+
+@pytest.mark.parametrize("m", (5, 12))
+def test_reduced_solves_match_full_size_solves(m):
+    # Lanes with |F| <= m/2 solve on G_FF; the others on H_AA = (G^{-1})_AA. Both must
+    # give the exact solution on their partition: slacks s_F and multipliers G(u + s)
+    # off F, as the masked full-size solve does.
+    jacobian = low_rank(jr.key(11), m, 3 * m, 3, spread=100.0)
+    g, u, _ = jacobi_scale(jnp.asarray(_scaled_gramian(jacobian)), jnp.eye(m))
+    density = jnp.linspace(0.05, 0.95, m)[:, None]
+    free = jr.uniform(jr.key(12), (m, m)) < density
+    free = free & ~jnp.eye(m, dtype=bool)
+    n_free = np.asarray(jnp.sum(free, axis=-1))
+    assert np.any(2 * n_free > m) and np.any(2 * n_free <= m)
+    inverse, ok = _inverse(g)
+    assert bool(ok)
+    slack, multiplier, broken = _solve_reduced(g, inverse, u, free)
+    assert not bool(jnp.any(broken))
+    expected = solve_on_free_set(g, u, free, jnp.zeros((m,)), refine=0)
+    assert rel_err(slack, expected) <= 1e-11
+    expected_multiplier = jnp.where(free, 0.0, (u + expected) @ g)
+    assert rel_err(jnp.where(free, 0.0, multiplier), expected_multiplier) <= 1e-11
+
+
+def test_inverse_refuses_singular_gramians():
+    # reg_eps = 0 on a rank-deficient Jacobian: the reduced solves are switched off.
+    jacobian = low_rank(jr.key(13), 8, 20, 2, noise=0.0)
+    g, _, _ = jacobi_scale(jnp.asarray(_scaled_gramian(jacobian, 0.0)), jnp.eye(8))
+    _, ok = _inverse(g)
+    assert not bool(ok)
+
+
+def test_full_size_phase_takes_over_from_the_reduced_phase():
+    # The reduced phase may use half of max_steps; the full-size phase continues from
+    # its partitions. Every budget either reports max_steps_reached or gives the exact
+    # answer, and the smallest budget that succeeds (R >= 2 steps) needed both phases.
+    jacobian = low_rank(jr.key(14), 16, 1000, 4, spread=100.0)
+    g = jnp.asarray(_scaled_gramian(jacobian))
+    lower = jnp.eye(16)
+    reference, result = _solve(eqxjd.BPP(), g, lower)
+    assert result == eqxjd.RESULTS.successful
+    outcomes = []
+    for steps in range(1, 9):
+        v, result = _solve(eqxjd.BPP(max_steps=steps), g, lower)
+        if result == eqxjd.RESULTS.successful:
+            assert rel_err(v, reference) <= 1e-12, steps
+        else:
+            assert result == eqxjd.RESULTS.max_steps_reached, steps
+        outcomes.append(bool(result == eqxjd.RESULTS.successful))
+    first = outcomes.index(True) + 1
+    assert first >= 3 and all(outcomes[first - 1 :]), outcomes

@@ -36,6 +36,23 @@ def jacobi_scale(
     return scaled, lower / d, d
 
 
+def members_first(mask: Bool[Array, "*k m"]) -> Array:
+    """Indices along the last axis with the `True` entries first, each group in order:
+    `jnp.argsort(~mask, stable=True)`, without a sort (a sort of small rows costs
+    ~0.3 ms on CPU at m = 64; this scatter costs ~0.04 ms)."""
+    m = mask.shape[-1]
+    ones = mask.astype(jnp.int32)
+    before = jnp.cumsum(ones, axis=-1, dtype=jnp.int32) - ones
+    count = jnp.sum(ones, axis=-1, keepdims=True, dtype=jnp.int32)
+    index = jnp.broadcast_to(jnp.arange(m, dtype=jnp.int32), mask.shape)
+    position = jnp.where(mask, before, count + index - before)
+    lanes = tuple(
+        jnp.arange(size).reshape((-1,) + (1,) * (mask.ndim - 1 - axis))
+        for axis, size in enumerate(mask.shape[:-1])
+    )
+    return jnp.zeros_like(index).at[lanes + (position,)].set(index, unique_indices=True)
+
+
 def natural_residual(
     gramian: Float[Array, "m m"],
     lower: Float[Array, "k m"],
