@@ -1,10 +1,11 @@
+import dataclasses
 import functools as ft
+from typing import NamedTuple
 
 import equinox as eqx
 import jax
 import jax.lax as lax
 import jax.numpy as jnp
-import jax.scipy as jsp
 from jaxtyping import Array, Bool, Float, Int
 
 from .._results import RESULTS
@@ -40,6 +41,9 @@ class _BPPState(eqx.Module):
 
 _BUDGET = 3
 _RETRIES = 3
+# H = G^{-1} costs about four full-size lane solves; each reduced solve saves about
+# 70% of one. Below this many lanes (DualProj has one) the full-size solves win.
+_REDUCED_MIN_LANES = 8
 
 
 def _infeasible(free, slack, multiplier, tol):
@@ -75,7 +79,11 @@ def _inverse(gramian):
     $H$ (its Cholesky pivots above $\sqrt{\epsilon}$ on the unit-diagonal Gramian)."""
     m = gramian.shape[0]
     factor = jnp.linalg.cholesky(gramian)
-    inverse = jsp.linalg.cho_solve((factor, True), jnp.eye(m, dtype=gramian.dtype))
+    # H = Z^T Z with Z = L^{-1}: one triangular solve and one GEMM.
+    z = lax.linalg.triangular_solve(
+        factor, jnp.eye(m, dtype=gramian.dtype), left_side=True, lower=True
+    )
+    inverse = z.T @ z
     pivots = jnp.diagonal(factor) ** 2
     ok = (jnp.min(pivots) > jnp.sqrt(eps(gramian.dtype))) & jnp.all(
         jnp.isfinite(inverse)
@@ -217,7 +225,7 @@ def _solve_retrying(g, u, free, ridge, slack, active, every_lane=False):
     return slack, broken, ridge
 
 
-def _next_partition(state, index):
+def _next_partition(state):
     """Block principal pivoting's exchange rule, with Murty's rule as the backup.
 
     Returns the partitions to solve next, the lanes to solve (pending or infeasible)
@@ -231,6 +239,7 @@ def _next_partition(state, index):
         improved, _BUDGET, jnp.where(use_budget, state.budget - 1, state.budget)
     )
     full = improved | use_budget
+    index = jnp.arange(state.free.shape[-1])[None, :]
     largest = jnp.max(jnp.where(state.infeasible, index, -1), axis=-1)
     flip = jnp.where(full[:, None], state.infeasible, index == largest[:, None])
     free = state.free ^ (flip & flipping[:, None])
@@ -241,6 +250,65 @@ def _unfinished(state):
     return jnp.any(state.pending) | jnp.any(state.infeasible)
 
 
+class _Problem(NamedTuple):
+    g: Float[Array, "m m"]
+    u: Float[Array, "k m"]
+    inverse: Float[Array, "m m"] | None
+    tol: float
+
+
+def _reduced_round(problem, state, first=False):
+    """One exchange, then reduced solves (primal or dual, at most m/2 unknowns)."""
+    g, u, inverse, tol = problem
+    free, active, best, budget = _next_partition(state)
+
+    def solve(u, free):
+        return _solve_reduced(g, inverse, u, free)
+
+    outputs = (state.slack, jnp.zeros_like(state.slack), jnp.zeros_like(active))
+    slack, multiplier, broken = _on_active_lanes(
+        solve, (u, free), outputs, active, first
+    )
+    # A broken lane keeps its last partition, unsolved, for the full-size phase.
+    free = jnp.where(broken[:, None], state.free, free)
+    infeasible = _infeasible(free, slack, multiplier, tol)
+    return dataclasses.replace(
+        state,
+        free=free,
+        slack=slack,
+        infeasible=infeasible & (active & ~broken)[:, None],
+        pending=broken | (state.pending & ~active),
+        best=best,
+        budget=budget,
+        step=state.step + 1,
+        stuck=jnp.any(broken),
+    )
+
+
+def _full_round(problem, state, first=False):
+    """One exchange, then full-size masked solves with ridge retries."""
+    g, u, _, tol = problem
+    free, active, best, budget = _next_partition(state)
+    slack, broken, ridge = _solve_retrying(
+        g, u, free, state.ridge, state.slack, active, first
+    )
+    # A lane that breaks down even at the largest ridge keeps its partition.
+    free = jnp.where(broken[:, None], state.free, free)
+    slack = jnp.where(broken[:, None], state.slack, slack)
+    infeasible = _infeasible(free, slack, (u + slack) @ g, tol) | broken[:, None]
+    return dataclasses.replace(
+        state,
+        free=free,
+        slack=slack,
+        infeasible=infeasible & active[:, None],
+        pending=state.pending & ~active,
+        best=best,
+        budget=budget,
+        ridge=ridge,
+        step=state.step + 1,
+    )
+
+
 def block_pivoting(
     g: Float[Array, "m m"],
     u: Float[Array, "k m"],
@@ -249,79 +317,16 @@ def block_pivoting(
 ) -> tuple[Float[Array, "k m"], Bool[Array, ""]]:
     """Block principal pivoting from the partition `free`, on a Jacobi-scaled problem.
 
-    Two phases share the exchange rule and `max_steps`: reduced solves of size
-    $m/2$ (primal or dual, see `_solve_reduced`) while $G$ is safely positive
-    definite, for at most half the steps; then, for whatever is left (a singular $G$
-    with `reg_eps=0`, a breakdown, or a cycle on roundoff), full-size masked solves
-    with ridge retries.
+    With at least `_REDUCED_MIN_LANES` lanes and $G$ safely positive definite, the
+    first half of `max_steps` uses reduced solves (see `_solve_reduced`); the rest,
+    and everything otherwise (a singular $G$ with `reg_eps=0`, a breakdown, a cycle
+    on roundoff), full-size masked solves with ridge retries. Both phases share the
+    exchange rule, so the second one continues where the first stopped.
 
     Returns the solutions $u + s$ and whether every lane finished.
     """
     k, m = u.shape
     dtype = g.dtype
-    tol = 10 * eps(dtype)
-    index = jnp.arange(m)[None, :]
-    inverse, reduced_ok = _inverse(g)
-
-    def reduced_round(state, first=False):
-        free, active, best, budget = _next_partition(state, index)
-
-        def solve(u, free):
-            return _solve_reduced(g, inverse, u, free)
-
-        outputs = (state.slack, jnp.zeros_like(state.slack), jnp.zeros((k,), bool))
-        slack, multiplier, broken = _on_active_lanes(
-            solve, (u, free), outputs, active, first
-        )
-        # A broken lane keeps its last partition, unsolved, for the full-size phase.
-        free = jnp.where(broken[:, None], state.free, free)
-        infeasible = _infeasible(free, slack, multiplier, tol) & active[:, None]
-        infeasible = infeasible & ~broken[:, None]
-        pending = broken | (state.pending & ~active)
-        stuck = jnp.any(broken)
-        return _BPPState(
-            free,
-            slack,
-            infeasible,
-            pending,
-            best,
-            budget,
-            state.ridge,
-            state.step + 1,
-            stuck,
-        )
-
-    def full_round(state, first=False):
-        free, active, best, budget = _next_partition(state, index)
-        slack, broken, ridge = _solve_retrying(
-            g, u, free, state.ridge, state.slack, active, first
-        )
-        # A lane that breaks down even at the largest ridge keeps its partition.
-        free = jnp.where(broken[:, None], state.free, free)
-        slack = jnp.where(broken[:, None], state.slack, slack)
-        multiplier = (u + slack) @ g
-        infeasible = _infeasible(free, slack, multiplier, tol) | broken[:, None]
-        infeasible = infeasible & active[:, None]
-        pending = state.pending & ~active
-        return _BPPState(
-            free,
-            slack,
-            infeasible,
-            pending,
-            best,
-            budget,
-            ridge,
-            state.step + 1,
-            state.stuck,
-        )
-
-    def reduced_cond(state):
-        steps_left = state.step < max(max_steps // 2, 1)
-        return reduced_ok & ~state.stuck & _unfinished(state) & steps_left
-
-    def full_cond(state):
-        return _unfinished(state) & (state.step < max_steps)
-
     init = _BPPState(
         free=free,
         slack=jnp.zeros((k, m), dtype),
@@ -333,15 +338,31 @@ def block_pivoting(
         step=jnp.array(0),
         stuck=jnp.array(False),
     )
+    tol = 10 * eps(dtype)
+    full = ft.partial(_full_round, _Problem(g, u, None, tol))
     # The first round solves every lane: no loop and no lane gathering.
-    state = lax.cond(
-        reduced_ok,
-        ft.partial(reduced_round, first=True),
-        ft.partial(full_round, first=True),
-        init,
-    )
-    state = lax.while_loop(reduced_cond, reduced_round, state)
-    final = lax.while_loop(full_cond, full_round, state)
+    if k >= _REDUCED_MIN_LANES:
+        inverse, reduced_ok = _inverse(g)
+        reduced = ft.partial(_reduced_round, _Problem(g, u, inverse, tol))
+        state = lax.cond(
+            reduced_ok,
+            ft.partial(reduced, first=True),
+            ft.partial(full, first=True),
+            init,
+        )
+
+        def reduced_cond(state):
+            steps_left = state.step < max(max_steps // 2, 1)
+            return reduced_ok & ~state.stuck & _unfinished(state) & steps_left
+
+        state = lax.while_loop(reduced_cond, reduced, state)
+    else:
+        state = full(init, first=True)
+
+    def full_cond(state):
+        return _unfinished(state) & (state.step < max_steps)
+
+    final = lax.while_loop(full_cond, full, state)
     slack = _polish(g, u, final.free, final.slack, final.ridge)
     slack = jnp.where(final.free, jnp.maximum(slack, 0.0), 0.0)
     return u + slack, ~_unfinished(final)
