@@ -409,7 +409,8 @@ def test_reduced_solves_match_full_size_solves(m):
     assert np.any(2 * n_free > m) and np.any(2 * n_free <= m)
     inverse, ok = _inverse(g)
     assert bool(ok)
-    slack, multiplier, broken = _solve_reduced(g, inverse, u, free)
+    pair = jnp.stack([g, inverse])
+    slack, multiplier, broken = _solve_reduced(pair, u, -(u @ g), free)
     assert not bool(jnp.any(broken))
     expected = solve_on_free_set(g, u, free, jnp.zeros((m,)), refine=0)
     assert rel_err(slack, expected) <= 1e-11

@@ -91,17 +91,17 @@ def _inverse(gramian):
     return inverse, ok
 
 
-def _solve_reduced(gramian, inverse, lower, free):
+def _solve_reduced(pair, lower, conflict, free):
     r"""Exact solves on the partitions `free`, each of size at most $m/2$.
 
-    A lane with $|F| \leq |A|$ solves $G_{FF} s_F = -(G u)_F$. Otherwise it solves the
-    dual system $H_{AA} \lambda_A = u_A$ with $H = G^{-1}$: then $v = H \lambda$, with
-    multiplier $\lambda$ (zero on $F$). Both are principal submatrices of positive
-    definite matrices, gathered into one `(k, m/2, m/2)` batch: on CPU a LAPACK
-    Cholesky of half the size costs 3-5x less.
+    `pair` stacks $G$ and $H = G^{-1}$; `conflict` is $-G u$ per lane. A lane with
+    $|F| \leq |A|$ solves $G_{FF} s_F = -(G u)_F$. Otherwise it solves the dual system
+    $H_{AA} \lambda_A = u_A$: then $v = H \lambda$, with multiplier $\lambda$ (zero
+    on $F$). Both are principal submatrices of positive definite matrices, gathered
+    into one `(k, m/2, m/2)` batch: on CPU a LAPACK Cholesky of half the size costs
+    3-5x less.
     """
     k, m = lower.shape
-    dtype = lower.dtype
     p = m // 2
     n_free = jnp.sum(free, axis=-1)
     dual = 2 * n_free > m
@@ -110,18 +110,18 @@ def _solve_reduced(gramian, inverse, lower, free):
     order = members_first(members)[:, :p]
     valid = jnp.arange(p)[None, :] < size[:, None]
     both = valid[:, :, None] & valid[:, None, :]
-    stacked = jnp.stack([gramian, inverse])
-    which = dual.astype(jnp.int32)[:, None, None]
-    sub = stacked[which, order[:, :, None], order[:, None, :]]
-    system = jnp.where(both, sub, jnp.eye(p, dtype=dtype)[None])
-    source = jnp.where(dual[:, None], lower, -(lower @ gramian))
+    sub = pair[
+        dual.astype(jnp.int32)[:, None, None], order[:, :, None], order[:, None, :]
+    ]
+    system = jnp.where(both, sub, jnp.eye(p, dtype=lower.dtype)[None])
+    source = jnp.where(dual[:, None], lower, conflict)
     rhs = jnp.where(valid, jnp.take_along_axis(source, order, axis=-1), 0.0)
     x, _ = bordered_solve(system, rhs)
     x = jnp.where(valid, x, 0.0)
-    full = jnp.zeros((k, m), dtype).at[jnp.arange(k)[:, None], order].set(x)
-    dual_slack = jnp.where(free, full @ inverse - lower, 0.0)
+    full = jnp.zeros_like(lower).at[jnp.arange(k)[:, None], order].set(x)
+    dual_slack = jnp.where(free, full @ pair[1] - lower, 0.0)
     slack = jnp.where(dual[:, None], dual_slack, full)
-    multiplier = jnp.where(dual[:, None], full, (lower + slack) @ gramian)
+    multiplier = jnp.where(dual[:, None], full, slack @ pair[0] - conflict)
     broken = ~jnp.all(jnp.isfinite(slack) & jnp.isfinite(multiplier), axis=-1)
     return slack, multiplier, broken
 
@@ -253,25 +253,25 @@ def _unfinished(state):
 class _Problem(NamedTuple):
     g: Float[Array, "m m"]
     u: Float[Array, "k m"]
-    inverse: Float[Array, "m m"] | None
     tol: float
+    # For reduced solves: G stacked with G^{-1}, and -G u per lane.
+    pair: Float[Array, "2 m m"] | None = None
+    conflict: Float[Array, "k m"] | None = None
 
 
 def _reduced_round(problem, state, first=False):
     """One exchange, then reduced solves (primal or dual, at most m/2 unknowns)."""
-    g, u, inverse, tol = problem
     free, active, best, budget = _next_partition(state)
 
-    def solve(u, free):
-        return _solve_reduced(g, inverse, u, free)
+    def solve(u, conflict, free):
+        return _solve_reduced(problem.pair, u, conflict, free)
 
     outputs = (state.slack, jnp.zeros_like(state.slack), jnp.zeros_like(active))
-    slack, multiplier, broken = _on_active_lanes(
-        solve, (u, free), outputs, active, first
-    )
+    inputs = (problem.u, problem.conflict, free)
+    slack, multiplier, broken = _on_active_lanes(solve, inputs, outputs, active, first)
     # A broken lane keeps its last partition, unsolved, for the full-size phase.
     free = jnp.where(broken[:, None], state.free, free)
-    infeasible = _infeasible(free, slack, multiplier, tol)
+    infeasible = _infeasible(free, slack, multiplier, problem.tol)
     return dataclasses.replace(
         state,
         free=free,
@@ -287,7 +287,7 @@ def _reduced_round(problem, state, first=False):
 
 def _full_round(problem, state, first=False):
     """One exchange, then full-size masked solves with ridge retries."""
-    g, u, _, tol = problem
+    g, u, tol = problem.g, problem.u, problem.tol
     free, active, best, budget = _next_partition(state)
     slack, broken, ridge = _solve_retrying(
         g, u, free, state.ridge, state.slack, active, first
@@ -339,11 +339,12 @@ def block_pivoting(
         stuck=jnp.array(False),
     )
     tol = 10 * eps(dtype)
-    full = ft.partial(_full_round, _Problem(g, u, None, tol))
+    full = ft.partial(_full_round, _Problem(g, u, tol))
     # The first round solves every lane: no loop and no lane gathering.
     if k >= _REDUCED_MIN_LANES:
         inverse, reduced_ok = _inverse(g)
-        reduced = ft.partial(_reduced_round, _Problem(g, u, inverse, tol))
+        pair = jnp.stack([g, inverse])
+        reduced = ft.partial(_reduced_round, _Problem(g, u, tol, pair, -(u @ g)))
         state = lax.cond(
             reduced_ok,
             ft.partial(reduced, first=True),
