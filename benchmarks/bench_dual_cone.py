@@ -6,19 +6,32 @@ Plain script (never collected by pytest). Prints a markdown table:
     python benchmarks/bench_dual_cone.py            # full grid (slow on 2 cores)
     python benchmarks/bench_dual_cone.py --quick    # m in {2, 5, 16, 32}, n = 1000
 
-Columns: median wall times in ms (jitted, warmed up, `block_until_ready`), the speed
-ratio TorchJD / eqxjd, the eqxjd time as a multiple of the jitted J J^T time, and
-the max relative error of the weights against quadprog called directly on the
-same normalised and regularised Gramian (against TorchJD when quadprog is
-missing). Float64 on CPU by default.
+Columns: median wall times in ms of one call (jitted, warmed up,
+`block_until_ready`), the speed ratio TorchJD / eqxjd, the eqxjd time as a multiple
+of the jitted J J^T time, and the max relative error of the weights against quadprog
+called directly on the same normalised and regularised Gramian (against TorchJD when
+quadprog is missing). With `--in-jit`, also the cost per call inside a compiled loop
+(what a jitted training step pays: no dispatch, warm caches and thread pool) and its
+ratio to TorchJD. Float64 on CPU by default.
 """
 
 import os
+import sys
 
 
 # jaxlib's LAPACK (OpenBLAS) threads potrf from n = 128 on; on a small shared machine
 # the batched per-lane factorisations then slow down 10-100x. One thread each.
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+# XLA:CPU's default concurrency-optimised schedule lets its runtime hand many tiny
+# operations to its thread pool; on a 2-core VM the hand-offs cost more than the
+# operations (UPGrad at m = 16: 0.25 ms per call, 0.14 ms with a memory-optimised
+# schedule). Process-wide, so it must be set before JAX starts; `--xla-default`
+# keeps XLA's default.
+_SCHEDULER_FLAG = "--xla_cpu_enable_concurrency_optimized_scheduler=false"
+if "--xla-default" not in sys.argv and "concurrency_optimized" not in os.environ.get(
+    "XLA_FLAGS", ""
+):
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_SCHEDULER_FLAG}"
 
 import argparse
 import platform
@@ -64,6 +77,35 @@ def median_time(fn, repeats: int, budget: float) -> float:
     return 1e3 * statistics.median(times)
 
 
+def in_jit_time(fn, x, budget: float) -> float:
+    """Milliseconds per call of `fn(x)` inside one jitted `fori_loop` (best of 5).
+
+    Each iteration perturbs `x` by `0 * carry`, so nothing is hoisted out of the loop.
+    """
+    import jax.numpy as jnp
+
+    def run(count):
+        # x is an argument, not a captured constant: XLA would fold work on constants.
+        @jax.jit
+        def loop(x):
+            def body(_, carry):
+                return carry + 1e-300 * jnp.sum(fn(x + 0.0 * carry))
+
+            return jax.lax.fori_loop(0, count, body, jnp.zeros((), x.dtype))
+
+        loop(x).block_until_ready()
+        times = []
+        for _ in range(5):
+            t0 = time.perf_counter()
+            loop(x).block_until_ready()
+            times.append(time.perf_counter() - t0)
+        return 1e3 * min(times) / count
+
+    # Size the loop so that one run takes about budget / 10.
+    once = run(1)
+    return run(max(1, min(1000, int(budget / 10 / max(once * 1e-3, 1e-6)))))
+
+
 def quadprog_weights(jacobian: np.ndarray, method: str) -> np.ndarray | None:
     try:
         import quadprog
@@ -97,6 +139,16 @@ def main():
     parser.add_argument("--qpax-max-m", type=int, default=32, help="qpax is slow")
     parser.add_argument("--float32", action="store_true")
     parser.add_argument("--no-torch", action="store_true")
+    parser.add_argument(
+        "--xla-default",
+        action="store_true",
+        help=f"keep XLA's default schedule (do not set {_SCHEDULER_FLAG})",
+    )
+    parser.add_argument(
+        "--in-jit",
+        action="store_true",
+        help="also time eqxjd inside a compiled loop (a training step's view)",
+    )
     parser.add_argument(
         "--torch-threads",
         type=int,
@@ -138,10 +190,13 @@ def main():
     }
 
     print(f"device: {jax.devices()[0]}, {platform.processor() or platform.machine()}")
+    print(f"XLA_FLAGS: {os.environ.get('XLA_FLAGS', '').strip() or '(none)'}")
     print(f"dtype: {np.dtype(dtype).name}; torch: {'yes' if torch else 'no'}\n")
     header = ["kind", "m", "n", "method", "JJᵀ ms", "TorchJD ms", "TorchJD err"]
     for s in args.solvers:
         header += [f"{s} ms", f"{s} speedup", f"{s} ×JJᵀ", f"{s} err"]
+        if args.in_jit:
+            header += [f"{s} in-jit ms", f"{s} in-jit speedup"]
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header), flush=True)
 
@@ -176,7 +231,7 @@ def main():
                         row += ["–", "–"]
                     for s in args.solvers:
                         if s == "qpax" and m > args.qpax_max_m:
-                            row += ["–"] * 4
+                            row += ["–"] * (6 if args.in_jit else 4)
                             continue
                         agg, weighting = jitted[method, s]
                         t = median_time(
@@ -190,6 +245,10 @@ def main():
                             w = weighting(jnp.asarray(gram_np, jac.dtype))
                             err = f"{rel_err(w, reference):.1e}"
                         row += [f"{t:.3f}", speedup, f"{t / floor:.1f}", err]
+                        if args.in_jit:
+                            t_jit = in_jit_time(agg, jac, args.budget)
+                            ratio = f"{t_torch / t_jit:.1f}" if t_torch else "–"
+                            row += [f"{t_jit:.3f}", ratio]
                     print("| " + " | ".join(row) + " |", flush=True)
 
 

@@ -159,8 +159,9 @@ def main():
     else:
         import importlib.metadata
 
+        torchjd_version = importlib.metadata.version("torchjd")
         print(
-            f"torch {torch.__version__}, torchjd {importlib.metadata.version('torchjd')}, "
+            f"torch {torch.__version__}, torchjd {torchjd_version}, "
             f"torch threads {args.torch_threads}\n"
         )
         torch.manual_seed(args.seed)
@@ -193,7 +194,9 @@ def main():
                     # Outputs: a fresh instance's first call; timing: a second instance.
                     ref = getattr(tagg, name)(**kwargs)(jac_t).detach().numpy()
                     tagg_inst = getattr(tagg, name)(**kwargs)
-                    t_t = median_time(lambda: tagg_inst(jac_t), args.repeats, args.budget)
+                    t_t = median_time(
+                        lambda: tagg_inst(jac_t), args.repeats, args.budget
+                    )
                     row.append(f"{t_t:.3f}")
                     row.append(f"{t_t / t_eqx:.2f}" if t_eqx else "-")
                     if name in RANDOM or first is None:

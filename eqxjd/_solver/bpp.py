@@ -432,7 +432,8 @@ class BPP(AbstractQPSolver):
 BPP.__init__.__doc__ = """**Arguments:**
 
 - `max_steps`: the maximum number of pivoting steps (static). `None` (default) means
-    $10m + 10$. Reaching it gives `RESULTS.max_steps_reached`.
+    $10m + 10$. Reaching it gives `RESULTS.max_steps_reached`. Reduced solves use at
+    most the first half; full-size solves continue from there.
 """
 
 register_solver("bpp", BPP)
