@@ -99,7 +99,7 @@ def _solve_reduced(pair, lower, conflict, free):
     $H_{AA} \lambda_A = u_A$: then $v = H \lambda$, with multiplier $\lambda$ (zero
     on $F$). Both are principal submatrices of positive definite matrices, gathered
     into one `(k, m/2, m/2)` batch: on CPU a LAPACK Cholesky of half the size costs
-    3-5x less.
+    2.7-6x less.
     """
     k, m = lower.shape
     p = m // 2
@@ -345,12 +345,10 @@ def block_pivoting(
         inverse, reduced_ok = _inverse(g)
         pair = jnp.stack([g, inverse])
         reduced = ft.partial(_reduced_round, _Problem(g, u, tol, pair, -(u @ g)))
-        state = lax.cond(
-            reduced_ok,
-            ft.partial(reduced, first=True),
-            ft.partial(full, first=True),
-            init,
-        )
+        # Without a safe H the round is discarded and the full-size phase starts from
+        # scratch (a select, not a cond: under vmap a cond would run both branches).
+        state = reduced(init, first=True)
+        state = jax.tree.map(lambda a, b: jnp.where(reduced_ok, a, b), state, init)
 
         def reduced_cond(state):
             steps_left = state.step < max(max_steps // 2, 1)
