@@ -7,21 +7,21 @@ from ._custom_types import ScalarLike
 from ._misc import all_finite, normalize, regularize, solve_dtype
 from ._results import RESULTS
 from ._solver.base import AbstractQPSolver
+from ._solver.common import natural_residual
 
 
 def kkt_residual(
-    gramian: Float[Array, "m m"], lower: Float[Array, "k m"], solution: Float[Array, "k m"]
+    gramian: Float[Array, "m m"],
+    lower: Float[Array, "k m"],
+    solution: Float[Array, "k m"],
 ) -> Float[Array, " k"]:
     r"""Relative natural KKT residual per lane.
 
     $\rho = \|\min(v - u, G v)\|_\infty / \max(1, \|v\|_\infty)$, zero exactly at the
     solution of $\min_{v \geq u} \frac12 v^\top G v$ (feasibility, sign of the multiplier
-    and complementarity in one number).
+    and complementarity in one number). A lane with a non-finite entry gives $\infty$.
     """
-    multiplier = solution @ gramian
-    natural = jnp.minimum(solution - lower, multiplier)
-    scale = jnp.maximum(1.0, jnp.max(jnp.abs(solution), axis=-1))
-    return jnp.max(jnp.abs(natural), axis=-1, initial=0.0) / scale
+    return natural_residual(gramian, lower, solution)
 
 
 def kkt_tolerance(dtype: jnp.dtype) -> float:
@@ -29,7 +29,9 @@ def kkt_tolerance(dtype: jnp.dtype) -> float:
     return 1e-9 if jnp.dtype(dtype) == jnp.float64 else 1e-4
 
 
-def _scale_lanes(lower: Float[Array, "k m"]) -> tuple[Float[Array, "k m"], Array, Array]:
+def _scale_lanes(
+    lower: Float[Array, "k m"],
+) -> tuple[Float[Array, "k m"], Array, Array]:
     # The QP is positively homogeneous in u, and v = 0 solves every lane with u <= 0.
     scale = jnp.max(jnp.abs(lower), axis=-1, keepdims=True, initial=0.0)
     trivial = jnp.max(lower, axis=-1, keepdims=True, initial=0.0) <= 0
@@ -117,9 +119,7 @@ def project_onto_dual_cone(
     The solutions $V$, shape `(k, m)`, in the dtype of `gramian`. Non-finite input gives
     NaN.
     """
-    return _project(
-        gramian, lower, solver, norm_eps, reg_eps, differentiable, throw
-    )
+    return _project(gramian, lower, solver, norm_eps, reg_eps, differentiable, throw)
 
 
 # Jitted internally (and inlined under an outer jit): eager calls of the solvers' loops

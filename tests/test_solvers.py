@@ -233,10 +233,15 @@ def test_reg_eps_zero_rank_deficient_is_non_conflicting(solver):
     # Duplicated rows: G is exactly singular, G_FF can be singular; the guard decides.
     base = jr.normal(jr.key(3), (3, 10))
     duplicated = jnp.concatenate([base, base, -base[:1], base[1:2] + base[2:3]], axis=0)
+    # m = 64 with rank 3: breakdowns are only detected if reductions see the NaNs of a
+    # failed factorisation (XLA:CPU's max/min reductions drop them from 4096 elements).
+    # Positive combinations of three rows: a pointed cone, so d is not ~0.
+    wide = jnp.abs(jr.normal(jr.key(15), (64, 3))) @ jr.normal(jr.key(16), (3, 20))
     for name, jacobian in (
         ("low_rank", kinds["low_rank"]),
         ("low_rank_spread", kinds["low_rank_spread"]),
         ("duplicated", duplicated),
+        ("rank_3_of_64", wide),
     ):
         d = upgrad(jacobian)
         assert bool(jnp.all(jnp.isfinite(d))), name
@@ -269,6 +274,15 @@ def test_max_steps_reached(solver):
         eqx.filter_jit(eqxjd.UPGrad(solver=solver))(jacobian).block_until_ready()
     d = eqx.filter_jit(eqxjd.UPGrad(solver=solver, throw=False))(jacobian)
     assert d.shape == (jacobian.shape[1],)
+
+
+def test_kkt_residual_of_nonfinite_lanes_is_infinite():
+    # 64 x 64 is large enough for XLA:CPU's max reduction to drop NaN (jax 0.10.2).
+    g = jnp.eye(64)
+    solution = jnp.zeros((64, 64)).at[:, 3].set(jnp.nan).at[0, 3].set(0.0)
+    residual = eqxjd.kkt_residual(g, jnp.zeros((64, 64)), solution)
+    assert float(residual[0]) == 0.0
+    assert bool(jnp.all(jnp.isinf(residual[1:])))
 
 
 def test_nonfinite_does_not_hang():

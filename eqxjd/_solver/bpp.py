@@ -20,6 +20,7 @@ from .common import (
     masked_system,
     members_first,
     refine_solution,
+    relative_size,
     solve_by_enumeration,
 )
 
@@ -59,7 +60,7 @@ def _solve_lanes(gramian, lower, free, ridge):
     # roundoff leaves a residual on F far above roundoff.
     tol = jnp.sqrt(eps(gramian.dtype))
     singular = ~(pivot > tol) & (ridge == 0)
-    residual = _relative(_free_residual(gramian, lower, free, slack), lower + slack)
+    residual = relative_size(_free_residual(gramian, lower, free, slack), lower + slack)
     broken = singular | ~(residual <= tol)
     return jnp.where(broken[:, None], 0.0, slack), broken
 
@@ -67,11 +68,6 @@ def _solve_lanes(gramian, lower, free, ridge):
 def _free_residual(gramian, lower, free, slack):
     # On F the multiplier G(u + s) must vanish; one GEMM for all lanes.
     return jnp.where(free, (lower + slack) @ gramian, 0.0)
-
-
-def _relative(residual, solution):
-    scale = jnp.maximum(1.0, jnp.max(jnp.abs(solution), axis=-1))
-    return jnp.max(jnp.abs(residual), axis=-1) / scale
 
 
 def _inverse(gramian):
@@ -85,9 +81,7 @@ def _inverse(gramian):
     )
     inverse = z.T @ z
     pivots = jnp.diagonal(factor) ** 2
-    ok = (jnp.min(pivots) > jnp.sqrt(eps(gramian.dtype))) & jnp.all(
-        jnp.isfinite(inverse)
-    )
+    ok = jnp.all(pivots > jnp.sqrt(eps(gramian.dtype))) & jnp.all(jnp.isfinite(inverse))
     return inverse, ok
 
 
@@ -141,7 +135,7 @@ def _polish(gramian, lower, free, slack, ridge):
     m = gramian.shape[0]
 
     def size(slack):
-        return _relative(_free_residual(gramian, lower, free, slack), lower + slack)
+        return relative_size(_free_residual(gramian, lower, free, slack), lower + slack)
 
     before = size(slack)
     roundoff = 4 * m * eps(gramian.dtype)
