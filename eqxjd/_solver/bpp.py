@@ -60,14 +60,15 @@ def _solve_lanes(gramian, lower, free, ridge):
     # roundoff leaves a residual on F far above roundoff.
     tol = jnp.sqrt(eps(gramian.dtype))
     singular = ~(pivot > tol) & (ridge == 0)
-    residual = relative_size(_free_residual(gramian, lower, free, slack), lower + slack)
-    broken = singular | ~(residual <= tol)
+    broken = singular | ~(_free_residual(gramian, lower, free, slack) <= tol)
     return jnp.where(broken[:, None], 0.0, slack), broken
 
 
 def _free_residual(gramian, lower, free, slack):
-    # On F the multiplier G(u + s) must vanish; one GEMM for all lanes.
-    return jnp.where(free, (lower + slack) @ gramian, 0.0)
+    # On F the multiplier G(u + s) must vanish; one GEMM for all lanes. Relative size
+    # per lane.
+    multiplier = jnp.where(free, (lower + slack) @ gramian, 0.0)
+    return relative_size(multiplier, lower + slack)
 
 
 def _inverse(gramian):
@@ -134,9 +135,7 @@ def _polish(gramian, lower, free, slack, ridge):
     along the null space (harmless to J^T v, but not to the clamp s >= 0)."""
     m = gramian.shape[0]
 
-    def size(slack):
-        return relative_size(_free_residual(gramian, lower, free, slack), lower + slack)
-
+    size = ft.partial(_free_residual, gramian, lower, free)
     before = size(slack)
     roundoff = 4 * m * eps(gramian.dtype)
     needed = (ridge > roundoff) | (before > 25 * roundoff)
