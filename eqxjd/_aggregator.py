@@ -13,9 +13,9 @@ from ._weighting import AbstractStatefulWeighting, AbstractWeighting
 class AbstractAggregator(eqx.Module):
     r"""Base class for aggregators: maps a Jacobian to an update direction.
 
-    An aggregator maps $J \in \mathbb{R}^{m \times n}$, whose row $i$ is the gradient of
-    objective $i$, to one vector $d \in \mathbb{R}^n$ that a gradient-based optimiser then
-    follows.
+    An aggregator maps $J \in \mathbb{R}^{m \times n}$, whose row $i$ is the gradient
+    of objective $i$, to one vector $d \in \mathbb{R}^n$ that a gradient-based
+    optimiser then follows.
 
     **Conventions shared by every aggregator:**
 
@@ -24,8 +24,8 @@ class AbstractAggregator(eqx.Module):
       `eqx.filter_vmap`, compile with `eqx.filter_jit`.
     - Randomness only through the keyword-only `key`: deterministic aggregators ignore
       it, random ones (e.g. [`eqxjd.PCGrad`][]) raise `ValueError` without it.
-    - Stateless aggregators derive from this class (`d = aggregator(jacobian)`); stateful
-      ones from [`eqxjd.AbstractStatefulAggregator`][].
+    - Stateless aggregators derive from this class (`d = aggregator(jacobian)`);
+      stateful ones from [`eqxjd.AbstractStatefulAggregator`][].
     - `m = 0` gives `zeros(n)`; `n = 0` gives an empty vector; non-finite input gives
       NaN output (documented per method).
     - Output dtype = input dtype.
@@ -131,7 +131,9 @@ class AbstractWeightedAggregator(AbstractAggregator):
     def __call__(
         self, jacobian: Float[Array, "m n"], /, *, key: PRNGKeyArray | None = None
     ) -> Float[Array, " n"]:
-        return weighted_combination(self.weighting, self.weights(jacobian, key=key), jacobian)
+        return weighted_combination(
+            self.weighting, self.weights(jacobian, key=key), jacobian
+        )
 
 
 class AbstractGramianWeightedAggregator(AbstractAggregator):

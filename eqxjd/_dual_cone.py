@@ -18,8 +18,9 @@ def kkt_residual(
     r"""Relative natural KKT residual per lane.
 
     $\rho = \|\min(v - u, G v)\|_\infty / \max(1, \|v\|_\infty)$, zero exactly at the
-    solution of $\min_{v \geq u} \frac12 v^\top G v$ (feasibility, sign of the multiplier
-    and complementarity in one number). A lane with a non-finite entry gives $\infty$.
+    solution of $\min_{v \geq u} \frac12 v^\top G v$ (feasibility, sign of the
+    multiplier and complementarity in one number). A lane with a non-finite entry gives
+    $\infty$.
     """
     return natural_residual(gramian, lower, solution)
 
@@ -44,7 +45,8 @@ def _solve_exactly(
     lower: Float[Array, "k m"],
     solver: AbstractQPSolver,
 ) -> tuple[Float[Array, "k m"], Bool[Array, "k m"], RESULTS]:
-    # Invariance under G -> a G: bring the diagonal to unit mean so tolerances are relative.
+    # Invariance under G -> a G: bring the diagonal to unit mean so tolerances are
+    # relative.
     m = scaled_gramian.shape[0]
     mean_diag = jnp.trace(scaled_gramian) / m
     degenerate = mean_diag <= 0
@@ -59,8 +61,8 @@ def _solve_exactly(
         (result == RESULTS.successful) & bad_kkt, RESULTS.kkt_check_failed, result
     )
     solution = jnp.where(trivial, 0.0, solution * lane_scale)
-    # A zero Gramian (possible with reg_eps = 0) makes every feasible v optimal; take the
-    # one a vanishing ridge would give.
+    # A zero Gramian (possible with reg_eps = 0) makes every feasible v optimal; take
+    # the one a vanishing ridge would give.
     solution = jnp.where(degenerate, jnp.maximum(lower, 0.0), solution)
     free = jnp.where(degenerate | trivial, lower < 0, free)
     result = RESULTS.where(degenerate, RESULTS.successful, result)
@@ -73,7 +75,8 @@ def _refine_on_free_set(
     free: Bool[Array, "k m"],
 ) -> Float[Array, "k m"]:
     # With the free set F fixed, v_F = -G_FF^{-1} G_FA u_A is smooth in G and u, so this
-    # one masked solve carries the exact derivative of the QP (away from degenerate points).
+    # one masked solve carries the exact derivative of the QP (away from degenerate
+    # points).
     m = gramian.shape[0]
     eye = jnp.eye(m, dtype=gramian.dtype)
     both_free = free[:, :, None] & free[:, None, :]
@@ -93,16 +96,17 @@ def project_onto_dual_cone(
     differentiable: bool = False,
     throw: bool = True,
 ) -> Float[Array, "k m"]:
-    r"""Solves $V_j = \operatorname{argmin}_{v \geq u_j} v^\top G' v$ for every row $u_j$.
+    r"""Solves $V_j = \operatorname{argmin}_{v \geq u_j} v^\top G' v$ per row $u_j$.
 
     $G' = G / \operatorname{tr} G + \epsilon_{reg} I$ (with $G/\operatorname{tr}G$
     replaced by $0$ when $\operatorname{tr} G < \epsilon_{norm}$), exactly as TorchJD's
-    `QuadprogProjector`. Then $J^\top V_j$ is the projection of $J^\top u_j$ onto the dual
-    cone $\{x : J x \geq 0\}$ of the rows of $J$.
+    `QuadprogProjector`. Then $J^\top V_j$ is the projection of $J^\top u_j$ onto the
+    dual cone $\{x : J x \geq 0\}$ of the rows of $J$.
 
     The QP is solved in float64 when x64 is enabled, on a rescaled problem, and the
-    solution is checked against a relative KKT residual. With `throw=True` a failed solve
-    raises an `EquinoxRuntimeError`; otherwise the unchecked solution is returned.
+    solution is checked against a relative KKT residual. With `throw=True` a failed
+    solve raises an `EquinoxRuntimeError`; otherwise the unchecked solution is
+    returned.
 
     **Arguments:**
 
@@ -110,8 +114,9 @@ def project_onto_dual_cone(
     - `lower`: the bounds $u_j$, one QP per row, shape `(k, m)`.
     - `solver`: an [`eqxjd.AbstractQPSolver`][].
     - `norm_eps`, `reg_eps`: normalisation threshold and ridge, as in TorchJD.
-    - `differentiable`: if `True`, gradients are those of the exact QP solution (implicit
-      differentiation on the identified free set); if `False`, gradients are stopped.
+    - `differentiable`: if `True`, gradients are those of the exact QP solution
+      (implicit differentiation on the identified free set); if `False`, gradients are
+      stopped.
     - `throw`: raise on a failed solve.
 
     **Returns:**

@@ -70,7 +70,7 @@ def combine(
 
 
 def normalize(gramian: Float[Array, "m m"], eps: ScalarLike) -> Float[Array, "m m"]:
-    """`G / tr(G)`, or the zero matrix when `tr(G) < eps` (TorchJD's absolute threshold)."""
+    """`G / tr(G)`, or zero if `tr(G) < eps` (TorchJD's absolute threshold)."""
     trace = jnp.trace(gramian)
     small = trace < eps
     safe_trace = jnp.where(small, jnp.ones_like(trace), trace)
@@ -109,9 +109,9 @@ def solve_dtype(dtype: jnp.dtype) -> jnp.dtype:
 def project_onto_simplex(y: Float[Array, " m"]) -> Float[Array, " m"]:
     r"""Euclidean projection onto $\{w \geq 0, \sum w = 1\}$, tie-for-tie as TorchJD.
 
-    With $s$ = `y` sorted in decreasing order and $c_i = (\sum_{k \le i} s_k - 1)/(i+1)$,
-    $\tau = c_i$ at the first $i$ with $c_i > s_{i+1}$ (else $(\sum y - 1)/m$), and the
-    result is $\max(y - \tau, 0)$.
+    With $s$ = `y` sorted in decreasing order and
+    $c_i = (\sum_{k \le i} s_k - 1)/(i+1)$, $\tau = c_i$ at the first $i$ with
+    $c_i > s_{i+1}$ (else $(\sum y - 1)/m$), and the result is $\max(y - \tau, 0)$.
     """
     m = y.shape[0]
     if m <= 1:

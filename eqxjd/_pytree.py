@@ -36,8 +36,8 @@ def check_jacobian_tree(jacobians: PyTree[Array]) -> tuple[list[Array], Any, int
     for leaf in leaves:
         if not hasattr(leaf, "shape") or jnp.ndim(leaf) < 1:
             raise ValueError(
-                "Every leaf of a Jacobian pytree needs a leading axis of size m (one row "
-                f"per objective); got a leaf of shape {jnp.shape(leaf)}."
+                "Every leaf of a Jacobian pytree needs a leading axis of size m (one "
+                f"row per objective); got a leaf of shape {jnp.shape(leaf)}."
             )
         if not jnp.issubdtype(jnp.result_type(leaf), jnp.inexact):
             raise ValueError(
@@ -53,7 +53,7 @@ def check_jacobian_tree(jacobians: PyTree[Array]) -> tuple[list[Array], Any, int
 
 
 def tree_gramian(jacobians: PyTree[Array]) -> Float[Array, "m m"]:
-    r"""$G = \sum_\ell J_\ell J_\ell^\top$ over the leaves, without concatenating them."""
+    r"""$G = \sum_\ell J_\ell J_\ell^\top$ over the leaves, without concatenation."""
     leaves, _, m = check_jacobian_tree(jacobians)
     dtype = jnp.result_type(*leaves)
     return sum(
@@ -62,7 +62,9 @@ def tree_gramian(jacobians: PyTree[Array]) -> Float[Array, "m m"]:
     )
 
 
-def tree_combine(weights: Float[Array, " m"], jacobians: PyTree[Array]) -> PyTree[Array]:
+def tree_combine(
+    weights: Float[Array, " m"], jacobians: PyTree[Array]
+) -> PyTree[Array]:
     r"""$\sum_i w_i J_{\ell, i}$ for every leaf, with the leaves' shapes and dtypes."""
     return jtu.tree_map(
         lambda leaf: jnp.tensordot(
@@ -127,7 +129,9 @@ def aggregate_tree(
     return _split(flat, leaves, treedef), weights, state
 
 
-def init_tree(aggregator: AbstractStatefulAggregator, jacobians: PyTree[Array]) -> State:
+def init_tree(
+    aggregator: AbstractStatefulAggregator, jacobians: PyTree[Array]
+) -> State:
     """The initial state of a stateful aggregator for a Jacobian pytree."""
     leaves, _, m = check_jacobian_tree(jacobians)
     dtype = jnp.result_type(*leaves)
@@ -146,9 +150,10 @@ def aggregate(
     r"""Aggregates a pytree Jacobian into a pytree update.
 
     Each leaf of `jacobians` has a leading axis of size `m` (one row per objective), as
-    returned by `jax.jacrev` of a loss vector or `jax.vmap(jax.grad(...))`. The result has
-    the leaves' trailing shapes and dtypes. The leaves are ordered as
-    `jax.tree_util.tree_leaves`, exactly like concatenating them into one `(m, n)` matrix.
+    returned by `jax.jacrev` of a loss vector or `jax.vmap(jax.grad(...))`. The result
+    has the leaves' trailing shapes and dtypes. The leaves are ordered as
+    `jax.tree_util.tree_leaves`, exactly like concatenating them into one `(m, n)`
+    matrix.
 
     For Gramian-weighted aggregators ([`eqxjd.UPGrad`][], [`eqxjd.DualProj`][], ...) the
     Gramian is the sum of per-leaf Gramians and the update is combined leaf by leaf: no

@@ -2,7 +2,7 @@ import equinox as eqx
 
 
 class RESULTS(eqx.Enumeration):
-    """The outcome of a solve. Compare with `==`, e.g. `result == RESULTS.successful`."""
+    """The outcome of a solve. Compare with `==`: `result == RESULTS.successful`."""
 
     successful = ""
     max_steps_reached = (

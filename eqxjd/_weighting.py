@@ -26,7 +26,8 @@ class AbstractWeighting(eqx.Module):
     - Stateless weightings derive from this class: `weights = weighting(stat)`. Stateful
       ones derive from [`eqxjd.AbstractStatefulWeighting`][] instead.
     - `differentiable` says whether gradients flow through the weights. Methods that
-      TorchJD treats as non-differentiable stop gradients explicitly (zero, never wrong).
+      TorchJD treats as non-differentiable stop gradients explicitly (zero, never
+      wrong).
     - Shape and dtype misuse raises `ValueError` at trace time; non-finite input gives
       NaN weights; zero objectives give weights of shape `(0,)`.
     """

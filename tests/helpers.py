@@ -71,7 +71,9 @@ def strongly_stationary(key, m, n, rank, dtype=jnp.float64):
     k1, k2, k3, k4 = jr.split(key, 4)
     v = jnp.abs(jr.normal(k1, (m,), dtype)) + 0.1
     v = v / jnp.linalg.norm(v)
-    q, _ = jnp.linalg.qr(jnp.concatenate([v[:, None], jr.normal(k2, (m, m - 1), dtype)], 1))
+    q, _ = jnp.linalg.qr(
+        jnp.concatenate([v[:, None], jr.normal(k2, (m, m - 1), dtype)], 1)
+    )
     complement = q[:, 1 : rank + 1]
     right, _ = jnp.linalg.qr(jr.normal(k3, (n, rank), dtype))
     singular = jnp.abs(jr.normal(k4, (rank,), dtype)) + 0.1

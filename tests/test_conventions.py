@@ -1,14 +1,13 @@
-"""House rules that Equinox no longer enforces: abstract-or-final, docstrings, type checks."""
+"""Rules Equinox no longer enforces: abstract-or-final, docstrings, type checks."""
 
 import abc
 import inspect
 
 import equinox as eqx
+import eqxjd
 import jax.numpy as jnp
 import jaxtyping
 import pytest
-
-import eqxjd
 
 
 def _public_objects():

@@ -1,13 +1,12 @@
 """UPGrad, DualProj, Mean, Sum, Constant, the wrappers and pytree aggregation."""
 
 import equinox as eqx
+import eqxjd
 import jax
 import jax.numpy as jnp
 import jax.random as jr
 import numpy as np
 import pytest
-
-import eqxjd
 
 from .helpers import (
     conflicting,
@@ -27,22 +26,51 @@ J_KRUM = np.array(
 
 # TorchJD 0.18.0, float64 (methods.md §9.2-9.4): (aggregator, J, d, w).
 PUBLISHED = [
-    ("upgrad", J_BASE, [0.2929020002, 1.900352078, 1.900352078], [1.110921047, 0.7894310312]),
+    (
+        "upgrad",
+        J_BASE,
+        [0.2929020002, 1.900352078, 1.900352078],
+        [1.110921047, 0.7894310312],
+    ),
     ("dualproj", J_BASE, [0.5563158129, 1.110921047, 1.110921047], [0.6109210468, 0.5]),
-    ("upgrad_pref", J_BASE, [1.698435626, 6.02254625, 6.02254625], [3.443684187, 2.578862062]),
-    ("dualproj_pref", J_BASE, [2.225263251, 4.443684187, 4.443684187], [2.443684187, 2.0]),
+    (
+        "upgrad_pref",
+        J_BASE,
+        [1.698435626, 6.02254625, 6.02254625],
+        [3.443684187, 2.578862062],
+    ),
+    (
+        "dualproj_pref",
+        J_BASE,
+        [2.225263251, 4.443684187, 4.443684187],
+        [2.443684187, 2.0],
+    ),
     (
         "upgrad",
         J_5X7,
-        [0.9165312994, 0.6849870014, 0.6194725098, 1.157813288, 0.7068130482,
-         -0.4273037019, -0.4375797466],
+        [
+            0.9165312994,
+            0.6849870014,
+            0.6194725098,
+            1.157813288,
+            0.7068130482,
+            -0.4273037019,
+            -0.4375797466,
+        ],
         [0.2, 0.5897231645, 0.2207460623, 0.2528101517, 0.2542813742],
     ),
     (
         "dualproj",
         J_5X7,
-        [0.848591236, 0.5928815305, 0.4592395929, 0.96553913, 0.2585495553,
-         -0.601074769, -0.4032644762],
+        [
+            0.848591236,
+            0.5928815305,
+            0.4592395929,
+            0.96553913,
+            0.2585495553,
+            -0.601074769,
+            -0.4032644762,
+        ],
         [0.2, 0.2, 0.2, 0.2, 0.2],
     ),
     (
@@ -87,10 +115,19 @@ def test_mean_sum_constant_values():
     J = jnp.asarray(J_BASE)
     np.testing.assert_allclose(eqxjd.Mean()(J), [1.0, 1.0, 1.0])
     np.testing.assert_allclose(eqxjd.Sum()(J), [2.0, 2.0, 2.0])
-    np.testing.assert_allclose(eqxjd.Constant(jnp.array([1.0, 2.0]))(J), [8.0, 3.0, 3.0])
+    np.testing.assert_allclose(
+        eqxjd.Constant(jnp.array([1.0, 2.0]))(J), [8.0, 3.0, 3.0]
+    )
     J5 = jnp.asarray(J_5X7)
-    expected = [13.07129808, 11.99928113, 4.088249254, 12.88333664, -4.541083328,
-                -11.73843792, -8.953827144]
+    expected = [
+        13.07129808,
+        11.99928113,
+        4.088249254,
+        12.88333664,
+        -4.541083328,
+        -11.73843792,
+        -8.953827144,
+    ]
     assert rel_err(eqxjd.Constant(jnp.arange(1.0, 6.0))(J5), expected) < 1e-8
 
 
@@ -115,7 +152,9 @@ def test_structure_dtype_jit_vmap(agg, getkey):
         np.testing.assert_allclose(eqx.filter_jit(agg)(J), out, rtol=1e-5, atol=1e-6)
     batch = jr.normal(getkey(), (3, 4, 6))
     looped = jnp.stack([agg(J) for J in batch])
-    np.testing.assert_allclose(eqx.filter_vmap(agg)(batch), looped, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(
+        eqx.filter_vmap(agg)(batch), looped, rtol=1e-10, atol=1e-12
+    )
 
 
 @pytest.mark.parametrize("agg", AGGREGATORS)
@@ -131,8 +170,8 @@ def test_no_retrace(agg, getkey):
 
 @pytest.mark.parametrize("agg", NON_CONFLICTING)
 def test_non_conflicting(agg, getkey):
-    # The multiplier of the regularised QP is non-negative: G w / tr(G) + reg_eps w >= 0,
-    # so J A(J) = G w >= -reg_eps tr(G) w exactly (and >= 0 when reg_eps = 0).
+    # The multiplier of the regularised QP is non-negative: G w / tr(G) + reg_eps w >=
+    # 0, so J A(J) = G w >= -reg_eps tr(G) w exactly (and >= 0 when reg_eps = 0).
     for name, J in jacobian_kinds(getkey()).items():
         w, y = agg.weights(J), J @ agg(J)
         trace = jnp.sum(J**2)
@@ -143,13 +182,15 @@ def test_non_conflicting(agg, getkey):
 def test_permutation_invariant(agg, getkey):
     for name, J in jacobian_kinds(getkey()).items():
         perm = jr.permutation(getkey(), J.shape[0])
-        np.testing.assert_allclose(agg(J[perm]), agg(J), rtol=1e-7, atol=1e-9, err_msg=name)
+        np.testing.assert_allclose(
+            agg(J[perm]), agg(J), rtol=1e-7, atol=1e-9, err_msg=name
+        )
 
 
 @pytest.mark.parametrize("solver", SOLVERS)
 def test_upgrad_linear_under_scaling(solver, getkey):
-    # Positive row scaling leaves the dual cone unchanged, so without the ridge (which is
-    # relative to tr G) c -> A(diag(c) J) is exactly linear on c >= 0.
+    # Positive row scaling leaves the dual cone unchanged, so without the ridge (which
+    # is relative to tr G) c -> A(diag(c) J) is exactly linear on c >= 0.
     agg = eqxjd.UPGrad(reg_eps=0.0, solver=solver)
     J = jr.normal(getkey(), (5, 8))
     for _ in range(3):

@@ -7,11 +7,10 @@ grouped by shape so that each shape compiles once.
 import collections
 
 import equinox as eqx
+import eqxjd
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
-import eqxjd
 
 from .helpers import load_reference, reference_names, rel_err
 

@@ -12,7 +12,9 @@ class ConstantWeighting(AbstractWeighting):
     r"""Fixed weights $w$, given at construction. Reads only the number of rows, which
     must equal `len(weights)`."""
 
-    weights: Float[Array, " m"] = eqx.field(converter=ft.partial(as_vector, name="weights"))
+    weights: Float[Array, " m"] = eqx.field(
+        converter=ft.partial(as_vector, name="weights")
+    )
 
     def __call__(
         self, stat: Float[Array, "m k"], /, *, key: PRNGKeyArray | None = None

@@ -20,7 +20,7 @@ class MeanWeighting(AbstractWeighting):
 
 
 class Mean(AbstractWeightedAggregator):
-    r"""The average of the rows: $A(J) = \frac1m J^\top \mathbf 1$ (zeros when `m = 0`)."""
+    r"""The mean of the rows, $A(J) = \frac1m J^\top \mathbf 1$ (zeros at `m = 0`)."""
 
     weighting: MeanWeighting = MeanWeighting()
 

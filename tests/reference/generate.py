@@ -1,16 +1,18 @@
 """Generate TorchJD 0.18.0 reference fixtures for eqxjd.
 
-This is a standalone script. It imports torch, torchjd, numpy and quadprog, and must NEVER be
-imported by the test-suite (tests only load the ``.npz`` files it writes, which contain both the
-inputs and TorchJD's outputs, so tests never need torch).
+This is a standalone script. It imports torch, torchjd, numpy and quadprog, and must
+NEVER be imported by the test-suite (tests only load the ``.npz`` files it writes, which
+contain both the inputs and TorchJD's outputs, so tests never need torch).
 
 Regenerate (CPU only, about 1-3 minutes on 2 cores)::
 
-    python -m venv /tmp/tj && /tmp/tj/bin/pip install torch==2.13.0 'torchjd[full]==0.18.0' \
+    python -m venv /tmp/tj \
+        && /tmp/tj/bin/pip install torch==2.13.0 'torchjd[full]==0.18.0' quadprog \
         && /tmp/tj/bin/python tests/reference/generate.py
 
-Optionally pass part names (``foundation zoo modern scalarization autojac``) to regenerate only
-some files. The key layout of every file is documented in ``tests/reference/README.md``.
+Optionally pass part names (``foundation zoo modern scalarization autojac``) to
+regenerate only some files. The key layout of every file is documented in
+``tests/reference/README.md``.
 """
 
 from __future__ import annotations
@@ -21,10 +23,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
 import torchjd  # noqa: F401
 from torchjd._linalg import QuadprogProjector
 from torchjd.aggregation import (
+    AlignedMTL,
     CAGrad,
     ConFIG,
     Constant,
@@ -37,7 +39,6 @@ from torchjd.aggregation import (
     GradDrop,
     GradVac,
     GramianWeightedAggregator,
-    WeightedAggregator,
     IMTLG,
     Krum,
     Mean,
@@ -55,8 +56,9 @@ from torchjd.aggregation import (
     TrimmedMean,
     UPGrad,
     UPGradWeighting,
-    AlignedMTL,
+    WeightedAggregator,
 )
+
 
 OUT = Path(__file__).resolve().parent
 F64 = torch.float64
@@ -64,7 +66,7 @@ F32 = torch.float32
 MAX_BYTES = 1_000_000
 
 
-# --------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------
 # helpers
 
 
@@ -101,13 +103,15 @@ def save(fname, data):
 
 
 def run_agg(agg, J):
-    """Call aggregator `agg` on J once; return (w or None, d). Weights captured by a hook."""
+    """Call aggregator `agg` on J once; return (w or None, d). A hook captures w."""
     cap = []
     mod = None
     if isinstance(agg, GramianWeightedAggregator):
         mod = agg.gramian_weighting
     elif isinstance(agg, WeightedAggregator):
-        mod = agg.weighting  # (ConFIG's `weighting` is only its preference vector: not captured)
+        mod = (
+            agg.weighting
+        )  # (ConFIG's `weighting` is only its preference vector: not captured)
     h = None
     if mod is not None:
         h = mod.register_forward_hook(lambda _m, _i, o: cap.append(o.detach().clone()))
@@ -129,7 +133,10 @@ def check(label, got, expected, atol):
     err = float(np.max(np.abs(got - expected))) if got.size else 0.0
     ok = got.shape == expected.shape and err <= atol
     CHECKS.append((label, err, ok))
-    print(f"  CHECK {'OK  ' if ok else 'FAIL'} {label}: max|err|={err:.2e} (atol {atol:g})")
+    print(
+        f"  CHECK {'OK  ' if ok else 'FAIL'} {label}: "
+        f"max|err|={err:.2e} (atol {atol:g})"
+    )
 
 
 def round32(a):
@@ -137,7 +144,7 @@ def round32(a):
     return np.asarray(a, dtype=np.float32).astype(np.float64)
 
 
-# --------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------
 # matrix kinds (methods.md §8 semantics, numpy Generator)
 
 
@@ -148,7 +155,7 @@ def haar(rng, k):
 
 
 def complement(rng, vecs):
-    """Orthonormal basis of the orthogonal complement of the orthonormal columns `vecs`."""
+    """Orthonormal basis of the complement of the orthonormal columns `vecs`."""
     m, k = vecs.shape
     X = np.concatenate([vecs, rng.standard_normal((m, m - k))], axis=1)
     Q, _ = np.linalg.qr(X)
@@ -287,7 +294,7 @@ def build_matrices():
     return Js, meta
 
 
-# --------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------
 # 1. foundation
 
 
@@ -330,7 +337,9 @@ def foundation(Js, meta):
         m = J.shape[0]
         U = torch.diag(torch.full((m,), 1.0 / m, dtype=F64))
         try:
-            out[f"qp0/{name}/V"] = N(QuadprogProjector(norm_eps=0.0, reg_eps=0.0)(U, gram(J)))
+            out[f"qp0/{name}/V"] = N(
+                QuadprogProjector(norm_eps=0.0, reg_eps=0.0)(U, gram(J))
+            )
         except Exception as e:  # noqa: BLE001
             errors[f"errors/qp0/{name}"] = np.array(1, dtype=np.int64)
             print(f"  qp0 on {name} raised {type(e).__name__}: {e}")
@@ -340,7 +349,10 @@ def foundation(Js, meta):
         J = T(Js[name])
         m = J.shape[0]
         pref = torch.arange(1, m + 1, dtype=F64)
-        for mid, A, W in [("upgrad_pref", UPGrad, UPGradWeighting), ("dualproj_pref", DualProj, DualProjWeighting)]:
+        for mid, A, W in [
+            ("upgrad_pref", UPGrad, UPGradWeighting),
+            ("dualproj_pref", DualProj, DualProjWeighting),
+        ]:
             out[f"{mid}/{name}/pref"] = N(pref)
             out[f"{mid}/{name}/w"] = N(W(pref)(gram(J)))
             out[f"{mid}/{name}/d"] = N(A(pref)(J))
@@ -381,30 +393,85 @@ def foundation(Js, meta):
     c("upgrad_pref/base/w", [3.443684187, 2.578862062])
     c("dualproj_pref/base/d", [2.225263251, 4.443684187, 4.443684187])
     c("dualproj_pref/base/w", [2.443684187, 2])
-    c("J/5x7", [[1.764052345967664, 0.4001572083672233, 0.9787379841057392, 2.240893199201458,
-                 1.8675579901499675, -0.977277879876411, 0.9500884175255894]] + [list(r) for r in out["J/5x7"][1:]], 0)
-    c("upgrad/5x7/d", [0.9165312994, 0.6849870014, 0.6194725098, 1.157813288, 0.7068130482,
-                       -0.4273037019, -0.4375797466])
+    c(
+        "J/5x7",
+        [
+            [
+                1.764052345967664,
+                0.4001572083672233,
+                0.9787379841057392,
+                2.240893199201458,
+                1.8675579901499675,
+                -0.977277879876411,
+                0.9500884175255894,
+            ]
+        ]
+        + [list(r) for r in out["J/5x7"][1:]],
+        0,
+    )
+    c(
+        "upgrad/5x7/d",
+        [
+            0.9165312994,
+            0.6849870014,
+            0.6194725098,
+            1.157813288,
+            0.7068130482,
+            -0.4273037019,
+            -0.4375797466,
+        ],
+    )
     c("upgrad/5x7/w", [0.2, 0.5897231645, 0.2207460623, 0.2528101517, 0.2542813742])
-    mean57 = [0.848591236, 0.5928815305, 0.4592395929, 0.96553913, 0.2585495553, -0.601074769,
-              -0.4032644762]
+    mean57 = [
+        0.848591236,
+        0.5928815305,
+        0.4592395929,
+        0.96553913,
+        0.2585495553,
+        -0.601074769,
+        -0.4032644762,
+    ]
     c("dualproj/5x7/d", mean57)
     c("dualproj/5x7/w", [0.2] * 5)
     c("mean/5x7/d", mean57)
     c("mean/5x7/w", [0.2] * 5)
-    c("sum/5x7/d", [4.24295618, 2.964407653, 2.296197964, 4.82769565, 1.292747777, -3.005373845,
-                    -2.016322381])
+    c(
+        "sum/5x7/d",
+        [
+            4.24295618,
+            2.964407653,
+            2.296197964,
+            4.82769565,
+            1.292747777,
+            -3.005373845,
+            -2.016322381,
+        ],
+    )
     c("sum/5x7/w", [1] * 5)
-    c("constant/5x7/d", [13.07129808, 11.99928113, 4.088249254, 12.88333664, -4.541083328,
-                         -11.73843792, -8.953827144], 1e-7)
+    c(
+        "constant/5x7/d",
+        [
+            13.07129808,
+            11.99928113,
+            4.088249254,
+            12.88333664,
+            -4.541083328,
+            -11.73843792,
+            -8.953827144,
+        ],
+        1e-7,
+    )
     c("constant/5x7/w", [1, 2, 3, 4, 5])
     c("upgrad/krum/d", [21.78351099, -123.5582759, 19.21658069], 1e-6)
     c("upgrad/krum/w", [2.088108311, 0.2, 0.2007808696, 4.036837458, 0.2])
     c("dualproj/krum/d", [21.2789313, -123.7129988, 18.29507118], 1e-6)
     c("dualproj/krum/w", [1.87086136, 0.2, 0.2, 3.808069941, 0.2])
     print(f"foundation built in {time.time() - t0:.1f}s")
-    # Large matrices go to foundation_large.npz (same key layout) to keep each file < 1 MB.
-    large = {k for k, J in Js.items() if J.shape[0] * (J.shape[0] + J.shape[1]) > LARGE_SIZE}
+    # Large matrices go to foundation_large.npz (same key layout) to keep each file < 1
+    # MB.
+    large = {
+        k for k, J in Js.items() if J.shape[0] * (J.shape[0] + J.shape[1]) > LARGE_SIZE
+    }
     small_out = {k: v for k, v in out.items() if not _key_in(k, large)}
     large_out = {k: v for k, v in out.items() if _key_in(k, large)}
     large_out["meta/names"] = np.array(sorted(large))
@@ -420,15 +487,17 @@ def _key_in(key, names):
     return len(parts) >= 2 and parts[1] in names
 
 
-# --------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------
 # shared helpers for zoo / modern
 
 
 def save_split(stem, out, Js_used, threshold=None):
-    """Write <stem>.npz, and <stem>_large.npz for the keys of large matrices (if any)."""
+    """Write <stem>.npz, and <stem>_large.npz for the keys of large matrices, if any."""
     threshold = LARGE_SIZE if threshold is None else threshold
     large = {
-        k for k, J in Js_used.items() if J.shape[0] * (J.shape[0] + J.shape[1]) > threshold
+        k
+        for k, J in Js_used.items()
+        if J.shape[0] * (J.shape[0] + J.shape[1]) > threshold
     }
     small_out = {k: v for k, v in out.items() if not _key_in(k, large)}
     large_out = {k: v for k, v in out.items() if _key_in(k, large)}
@@ -481,7 +550,8 @@ def zoo_selection(Js):
     return sel
 
 
-# numpy re-implementations used to self-check that the stored draws are the ones TorchJD used
+# numpy re-implementations used to self-check that the stored draws are the ones TorchJD
+# used
 def np_pcgrad(G, perms):
     m = G.shape[0]
     w = np.zeros(m)
@@ -510,7 +580,7 @@ def np_graddrop(J, U, leak=None):
     return d
 
 
-# --------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------
 # 2. zoo
 
 
@@ -555,7 +625,9 @@ def zoo(Js):
         out[f"pcgrad/{name}/draws"] = perms.reshape(m, m)
         if np.all(np.isfinite(Jn)):
             ref = np_pcgrad(Jn @ Jn.T, perms)
-            assert np.allclose(ref, N(w), rtol=1e-9, atol=1e-12 * max(1.0, np.abs(ref).max())), name
+            assert np.allclose(
+                ref, N(w), rtol=1e-9, atol=1e-12 * max(1.0, np.abs(ref).max())
+            ), name
 
         # GradDrop: rand(n) with J's dtype, seed 0
         torch.manual_seed(0)
@@ -573,7 +645,9 @@ def zoo(Js):
         w, d = run_agg(Random(), J)
         store(out, f"random/{name}", w, d)
         out[f"random/{name}/draws"] = z
-        assert np.allclose(np.exp(z - z.max()) / np.exp(z - z.max()).sum(), N(w), rtol=1e-12), name
+        assert np.allclose(
+            np.exp(z - z.max()) / np.exp(z - z.max()).sum(), N(w), rtol=1e-12
+        ), name
 
         # NashMTL(n_tasks=m): 3 successive calls on the same J
         if m > NASH_MAX_M:
@@ -605,7 +679,10 @@ def zoo(Js):
         J = T(Jn)
         m, n = Jn.shape
         pref = torch.arange(1, m + 1, dtype=F64)
-        for mid, agg in [("alignedmtl_pref", AlignedMTL(pref_vector=pref)), ("config_pref", ConFIG(pref))]:
+        for mid, agg in [
+            ("alignedmtl_pref", AlignedMTL(pref_vector=pref)),
+            ("config_pref", ConFIG(pref)),
+        ]:
             w, d = run_agg(agg, J)
             store(out, f"{mid}/{name}", w, d)
             out[f"{mid}/{name}/pref"] = N(pref)
@@ -627,7 +704,8 @@ def zoo(Js):
 
     print("zoo checks (methods.md §9):")
     c = lambda k, e, a=1e-8: check(k, out[k], e, a)  # noqa: E731
-    c("mgda/base/d", [0, 1, 1]); c("mgda/base/w", [0.6, 0.4])
+    c("mgda/base/d", [0, 1, 1])
+    c("mgda/base/w", [0.6, 0.4])
     c("cagrad_c0.5/base/d", [0.1835034204, 1.204124148, 1.204124148], 1e-7)
     c("cagrad_c0.5/base/w", [0.7041241467, 0.5000000012], 1e-7)
     c("cagrad_c1/base/w", [1.199978642, 0.7999679646], 1e-6)
@@ -638,57 +716,177 @@ def zoo(Js):
     c("alignedmtl_rmse/base/w", [1.510865643, 1.103306398])
     c("alignedmtl_pref/base/d", [2.007851663, 2.751188104, 2.751188104])
     c("alignedmtl_pref/base/w", [1.449927696, 1.301260408])
-    c("imtlg/base/d", [0.07669683062, 1, 1]); c("imtlg/base/w", [0.5923303169, 0.4076696831])
+    c("imtlg/base/d", [0.07669683062, 1, 1])
+    c("imtlg/base/w", [0.5923303169, 0.4076696831])
     c("pcgrad/base/d", [0.5847953216, 3.801169591, 3.801169591])
     c("pcgrad/base/w", [2.222222222, 1.578947368])
     c("pcgrad/base/draws", [[0, 1], [1, 0]], 0)
-    c("random/base/d", [-2.622880285, 1, 1]); c("random/base/w", [0.8622880285, 0.1377119715])
+    c("random/base/d", [-2.622880285, 1, 1])
+    c("random/base/w", [0.8622880285, 0.1377119715])
     c("nashmtl/base/call0/d", [0.05415325109, 0.7060691982, 0.7060691982], 1e-7)
     c("nashmtl/base/call0/w", [0.4182261938, 0.2878430044], 1e-7)
     c("nashmtl/base/call1/w", [0.4182261938, 0.2878430044], 1e-7)
     c("config/base/d", [0.1588089758, 2.070606758, 2.070606758])
     c("config_pref/base/d", [0.4684087453, 2.165635178, 2.165635178])
-    c("graddrop/base/d", [-4, 2, 2], 0); c("graddrop_f32/base/d", [6, 2, 2], 0)
-    c("graddrop_f32/base/draws", [0.49625658988952637, 0.7682217955589294, 0.08847743272781372], 0)
+    c("graddrop/base/d", [-4, 2, 2], 0)
+    c("graddrop_f32/base/d", [6, 2, 2], 0)
+    c(
+        "graddrop_f32/base/draws",
+        [0.49625658988952637, 0.7682217955589294, 0.08847743272781372],
+        0,
+    )
     c("graddrop_leak/base/d", [-2.8, 2, 2], 1e-12)
-    c("mgda/5x7/d", [0.3504403246, 0.3830415931, 0.2210010211, 0.5143078375, 0.5111838255,
-                     0.02642931478, -0.08504113774])
-    c("mgda/5x7/w", [0.008519169496, 0.6094059882, 0.02630414165, 0.1471213802, 0.2086493205])
+    c(
+        "mgda/5x7/d",
+        [
+            0.3504403246,
+            0.3830415931,
+            0.2210010211,
+            0.5143078375,
+            0.5111838255,
+            0.02642931478,
+            -0.08504113774,
+        ],
+    )
+    c(
+        "mgda/5x7/w",
+        [0.008519169496, 0.6094059882, 0.02630414165, 0.1471213802, 0.2086493205],
+    )
     c("cagrad_c0.5/5x7/w", [0.2, 0.6891156168, 0.2, 0.2, 0.2], 1e-7)
-    c("cagrad_c0.5/5x7/d", [0.7745600795, 0.5423955974, 0.6600697272, 1.035993124, 0.9698574167,
-                            -0.2288393431, -0.3437513354], 1e-7)
-    c("alignedmtl_min/5x7/w", [-0.02400097834, 0.1744902624, 0.01852667719, 0.05411026285,
-                               0.08151047659])
-    c("imtlg/5x7/w", [-0.2140504039, 0.7586993835, -0.03681735645, 0.1474885182, 0.3446798586])
+    c(
+        "cagrad_c0.5/5x7/d",
+        [
+            0.7745600795,
+            0.5423955974,
+            0.6600697272,
+            1.035993124,
+            0.9698574167,
+            -0.2288393431,
+            -0.3437513354,
+        ],
+        1e-7,
+    )
+    c(
+        "alignedmtl_min/5x7/w",
+        [-0.02400097834, 0.1744902624, 0.01852667719, 0.05411026285, 0.08151047659],
+    )
+    c(
+        "imtlg/5x7/w",
+        [-0.2140504039, 0.7586993835, -0.03681735645, 0.1474885182, 0.3446798586],
+    )
     c("krum_1/5x7/w", [0, 0, 0, 0, 1], 0)
     c("pcgrad/5x7/w", [1, 2.841342726, 1.103779291, 1.365391734, 1.213572897])
-    c("pcgrad/5x7/d", [4.576506427, 3.438647907, 2.969216603, 5.981752896, 3.282033494,
-                       -2.099004672, -2.199924486], 1e-7)
-    c("pcgrad/5x7/draws", [[4, 0, 1, 3, 2], [3, 4, 0, 1, 2], [2, 4, 1, 3, 0], [1, 4, 3, 2, 0],
-                           [1, 0, 4, 2, 3]], 0)
-    c("nashmtl/5x7/call0/w", [0.06492839723, 0.3891211598, 0.1244417412, 0.163014577,
-                              0.134139188], 1e-7)
-    c("nashmtl/5x7/call1/w", [0.06492839723, 0.3891211598, 0.1244417412, 0.163014577,
-                              0.134139188], 1e-7)
-    c("random/5x7/w", [0.6118233588, 0.09771143533, 0.01483008846, 0.2313377539, 0.04429736351])
-    c("random/5x7/draws", [1.5409961082440433, -0.2934289057609464, -2.1787893820745574,
-                           0.5684312772806678, -1.084522342424021], 0)
-    c("config/5x7/d", [0.9152938459, 3.613138908, -0.07136282742, 0.8074294781, 1.35442371,
-                       1.121270979, -1.299236544], 1e-7)
-    c("graddrop/5x7/d", [-0.1513572083, 3.067626505, 3.038362985, 5.032853914, -2.342151422,
-                         -3.812170087, 1.071763434], 1e-7)
-    c("graddrop/5x7/draws", [0.9700530018065531, 0.707819864399788, 0.45938294312745087,
-                             0.9207476841219603, 0.6450241201227648, 0.7911478921803037,
-                             0.17860617520075095], 0)
-    c("trimmedmean_1/5x7/d", [0.8767536808, 0.5327559115, 0.5147613039, 0.9210330967,
-                              0.2931851537, -0.595205034, -0.1378069943])
+    c(
+        "pcgrad/5x7/d",
+        [
+            4.576506427,
+            3.438647907,
+            2.969216603,
+            5.981752896,
+            3.282033494,
+            -2.099004672,
+            -2.199924486,
+        ],
+        1e-7,
+    )
+    c(
+        "pcgrad/5x7/draws",
+        [
+            [4, 0, 1, 3, 2],
+            [3, 4, 0, 1, 2],
+            [2, 4, 1, 3, 0],
+            [1, 4, 3, 2, 0],
+            [1, 0, 4, 2, 3],
+        ],
+        0,
+    )
+    c(
+        "nashmtl/5x7/call0/w",
+        [0.06492839723, 0.3891211598, 0.1244417412, 0.163014577, 0.134139188],
+        1e-7,
+    )
+    c(
+        "nashmtl/5x7/call1/w",
+        [0.06492839723, 0.3891211598, 0.1244417412, 0.163014577, 0.134139188],
+        1e-7,
+    )
+    c(
+        "random/5x7/w",
+        [0.6118233588, 0.09771143533, 0.01483008846, 0.2313377539, 0.04429736351],
+    )
+    c(
+        "random/5x7/draws",
+        [
+            1.5409961082440433,
+            -0.2934289057609464,
+            -2.1787893820745574,
+            0.5684312772806678,
+            -1.084522342424021,
+        ],
+        0,
+    )
+    c(
+        "config/5x7/d",
+        [
+            0.9152938459,
+            3.613138908,
+            -0.07136282742,
+            0.8074294781,
+            1.35442371,
+            1.121270979,
+            -1.299236544,
+        ],
+        1e-7,
+    )
+    c(
+        "graddrop/5x7/d",
+        [
+            -0.1513572083,
+            3.067626505,
+            3.038362985,
+            5.032853914,
+            -2.342151422,
+            -3.812170087,
+            1.071763434,
+        ],
+        1e-7,
+    )
+    c(
+        "graddrop/5x7/draws",
+        [
+            0.9700530018065531,
+            0.707819864399788,
+            0.45938294312745087,
+            0.9207476841219603,
+            0.6450241201227648,
+            0.7911478921803037,
+            0.17860617520075095,
+        ],
+        0,
+    )
+    c(
+        "trimmedmean_1/5x7/d",
+        [
+            0.8767536808,
+            0.5327559115,
+            0.5147613039,
+            0.9210330967,
+            0.2931851537,
+            -0.595205034,
+            -0.1378069943,
+        ],
+    )
     c("krum_1_2/krum/w", out["krum_1_2/krum/w"], 0)
-    c("krum_1/krum/d", [1, 0, 1], 0); c("krum_1/krum/w", [0, 1, 0, 0, 0], 0)
+    c("krum_1/krum/d", [1, 0, 1], 0)
+    c("krum_1/krum/w", [0, 1, 0, 0, 0], 0)
     c("trimmedmean_1/tm/d", [1.5, 2.5], 0)
     c("trimmedmean_1/krum/d", [1.333333333, 0.3333333333, 1.666666667])
-    c("mgda/krum/d", [1, 0, 1], 1e-12); c("mgda/krum/w", [0, 1, 0, 0, 0], 1e-12)
-    c("imtlg/krum/w", [-0.04601977318, 0.03316070687, 0.009982713198, 1.998310132,
-                       -0.9954337788])
+    c("mgda/krum/d", [1, 0, 1], 1e-12)
+    c("mgda/krum/w", [0, 1, 0, 0, 0], 1e-12)
+    c(
+        "imtlg/krum/w",
+        [-0.04601977318, 0.03316070687, 0.009982713198, 1.998310132, -0.9954337788],
+    )
     c("alignedmtl_min/krum/d", [0.4346761435, -0.2117983915, 0.3445739817], 1e-7)
     c("config/krum/d", [57.62857027, -125.6058654, 277.1772522], 1e-6)
     c("pcgrad/krum/w", [20.61904762, 1, 1.003904739, 85.85714286, 1], 1e-7)
@@ -697,7 +895,7 @@ def zoo(Js):
     save_split("zoo", out, sel)
 
 
-# --------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------
 # 3. modern
 
 
@@ -723,7 +921,10 @@ STATEFUL = [
     ("excessmtl", lambda: ExcessMTL()),
     ("excessmtl_r0.1", lambda: ExcessMTL(robust_step_size=0.1)),
     ("excessmtl_warm2", lambda: ExcessMTL(n_warmup_steps=2)),
-    ("crmogm_upgrad", lambda: GramianWeightedAggregator(CRMOGMWeighting(UPGradWeighting()))),
+    (
+        "crmogm_upgrad",
+        lambda: GramianWeightedAggregator(CRMOGMWeighting(UPGradWeighting())),
+    ),
     (
         "crmogm_mgda_a0.5",
         lambda: GramianWeightedAggregator(CRMOGMWeighting(MGDAWeighting(), alpha=0.5)),
@@ -739,8 +940,10 @@ def fairgrad_residual(G, w, alpha):
 
 def gradvac_draws(m, seed):
     torch.manual_seed(seed)
-    return np.stack([torch.randperm(m - 1).numpy() for _ in range(m)]).astype(np.int64).reshape(
-        m, max(m - 1, 0)
+    return (
+        np.stack([torch.randperm(m - 1).numpy() for _ in range(m)])
+        .astype(np.int64)
+        .reshape(m, max(m - 1, 0))
     )
 
 
@@ -759,11 +962,17 @@ def modern(Js):
         out[f"seqJ/{name}/J1"] = seq[1]
         out[f"seqJ/{name}/J2"] = seq[2]
 
-        for alpha, mid in [(0.5, "fairgrad_a0.5"), (1.0, "fairgrad_a1"), (2.0, "fairgrad_a2")]:
+        for alpha, mid in [
+            (0.5, "fairgrad_a0.5"),
+            (1.0, "fairgrad_a1"),
+            (2.0, "fairgrad_a2"),
+        ]:
             try:
                 w, d = run_agg(FairGrad(alpha=alpha), J)
                 store(out, f"{mid}/{name}", w, d)
-                out[f"{mid}/{name}/resid"] = np.array(fairgrad_residual(Jn @ Jn.T, N(w), alpha))
+                out[f"{mid}/{name}/resid"] = np.array(
+                    fairgrad_residual(Jn @ Jn.T, N(w), alpha)
+                )
             except Exception as e:  # noqa: BLE001
                 err_key(out, mid, name, e)
 
@@ -781,7 +990,9 @@ def modern(Js):
                         break
                     store(out, f"{mid}/{name}/{mode}/call{k}", w, d)
                     if mid == "gradvac":
-                        out[f"{mid}/{name}/{mode}/call{k}/phi"] = N(agg.gramian_weighting._phi_t)
+                        out[f"{mid}/{name}/{mode}/call{k}/phi"] = N(
+                            agg.gramian_weighting._phi_t
+                        )
 
         # MoDo / SDMGrad: call0 on M = J J^T, call1/2 on M = J1 J2^T (two noisy batches)
         Ms = [Jn @ Jn.T]
@@ -810,16 +1021,35 @@ def modern(Js):
     c = lambda k, e, a=1e-8: check(k, out[k], e, a)  # noqa: E731
     c("gradvac/base/same/call0/d", [0.5847953281, 3.801169586, 3.801169586])
     c("gradvac/base/same/call0/w", [2.222222219, 1.578947367])
-    # methods.md §9.2 calls this "the state after the first call"; it is the state after the
-    # SECOND call on J_base (after the first call phi_hat = beta * cos = -0.4205955119).
+    # methods.md §9.2 calls this "the state after the first call"; it is the state after
+    # the SECOND call on J_base (after the first call phi_hat = beta * cos =
+    # -0.4205955119).
     c("gradvac/base/same/call1/phi", [[0, -0.6308932679], [-0.6308932679, 0]])
     c("gradvac/base/same/call0/phi", [[0, -0.4205955119], [-0.4205955119, 0]])
-    c("gradvac/5x7/same/call0/w", [1, 2.928923858, 1.101981977, 1.363415553, 1.213572896])
-    c("gradvac/5x7/same/call0/d", [4.56116096, 3.427299882, 3.003958608, 5.990251682,
-                                   3.411711825, -2.030907474, -2.184309616], 1e-7)
-    c("gradvac/5x7/same/call0/draws", [[0, 1, 3, 2], [0, 2, 3, 1], [3, 2, 0, 1], [3, 0, 2, 1],
-                                       [0, 1, 2, 3]], 0)
-    # published 2nd GradVac calls use seed 0 again (stored fixtures use seed k for call k)
+    c(
+        "gradvac/5x7/same/call0/w",
+        [1, 2.928923858, 1.101981977, 1.363415553, 1.213572896],
+    )
+    c(
+        "gradvac/5x7/same/call0/d",
+        [
+            4.56116096,
+            3.427299882,
+            3.003958608,
+            5.990251682,
+            3.411711825,
+            -2.030907474,
+            -2.184309616,
+        ],
+        1e-7,
+    )
+    c(
+        "gradvac/5x7/same/call0/draws",
+        [[0, 1, 3, 2], [0, 2, 3, 1], [3, 2, 0, 1], [3, 0, 2, 1], [0, 1, 2, 3]],
+        0,
+    )
+    # published 2nd GradVac calls use seed 0 again (stored fixtures use seed k for call
+    # k)
     for name, w2, d2 in [
         ("base", [1.857987802, 1.406415275], [1.006540441, 3.264403077, 3.264403077]),
         ("5x7", [1, 2.033075705, 1.051210751, 1.191980765, 1.169878214], None),
@@ -835,11 +1065,19 @@ def modern(Js):
     c("fairgrad_a1/base/w", [0.5914611522, 0.4070714829])
     c("fairgrad_a2/base/d", [0.03127367982, 0.7908171505, 0.7908171505])
     c("fairgrad_a2/base/w", [0.4713629223, 0.3194542282])
-    c("fairgrad_a1/5x7/w", [0.1451843099, 0.870101365, 0.2782601925, 0.3645116755, 0.2999443427])
-    c("fairgrad_a2/5x7/w", [0.04220285718, 0.8442548204, 0.1740032534, 0.2968946649,
-                            0.2623194361])
-    c("fairgrad_a1/krum/w", [0.3945282588, 0.3257664443, 0.00198029646, 0.1946689972,
-                             0.2187831414], 1e-7)
+    c(
+        "fairgrad_a1/5x7/w",
+        [0.1451843099, 0.870101365, 0.2782601925, 0.3645116755, 0.2999443427],
+    )
+    c(
+        "fairgrad_a2/5x7/w",
+        [0.04220285718, 0.8442548204, 0.1740032534, 0.2968946649, 0.2623194361],
+    )
+    c(
+        "fairgrad_a1/krum/w",
+        [0.3945282588, 0.3257664443, 0.00198029646, 0.1946689972, 0.2187831414],
+        1e-7,
+    )
     for k in range(3):
         c(f"pcd/base/same/call{k}/d", [-0.8200327513, 2.943428807, 2.943428807])
         c(f"pcd/base/same/call{k}/w", [1.848060559, 1.095368248])
@@ -854,25 +1092,56 @@ def modern(Js):
     c("excessmtl/base/same/call1/w", [0.1192029215, 0.8807970785])
     c("excessmtl_r0.1/base/same/call0/d", [1.498339974, 1, 1])
     c("excessmtl_r0.1/base/same/call0/w", [0.4501660026, 0.5498339974])
-    c("excessmtl/5x7/same/call0/w", [0.8381243874, 0.00201094436, 0.04249256976, 0.0433663033,
-                                     0.07400579516])
-    c("excessmtl/5x7/same/call1/w", [0.8381243821, 0.002010944695, 0.04249257063,
-                                     0.04336630626, 0.07400579636])
-    c("excessmtl/5x7/same/call0/d", [1.638831377, 0.4955810939, 0.8638991774, 1.996136287,
-                                     1.452701658, -0.9984487826, 0.6541888699], 1e-7)
+    c(
+        "excessmtl/5x7/same/call0/w",
+        [0.8381243874, 0.00201094436, 0.04249256976, 0.0433663033, 0.07400579516],
+    )
+    c(
+        "excessmtl/5x7/same/call1/w",
+        [0.8381243821, 0.002010944695, 0.04249257063, 0.04336630626, 0.07400579636],
+    )
+    c(
+        "excessmtl/5x7/same/call0/d",
+        [
+            1.638831377,
+            0.4955810939,
+            0.8638991774,
+            1.996136287,
+            1.452701658,
+            -0.9984487826,
+            0.6541888699,
+        ],
+        1e-7,
+    )
     c("excessmtl/krum/same/call0/w", [0, 0, 1, 0, 0], 1e-9)
     for name in ("base", "5x7"):
         for k in range(3):
-            c(f"crmogm_upgrad/{name}/same/call{k}/w", out[f"crmogm_upgrad/{name}/same/call0/w"], 1e-12)
+            c(
+                f"crmogm_upgrad/{name}/same/call{k}/w",
+                out[f"crmogm_upgrad/{name}/same/call0/w"],
+                1e-12,
+            )
     c("crmogm_upgrad/base/same/call0/w", [1.110921047, 0.7894310312])
     c("crmogm_mgda_a0.5/base/same/call2/w", [0.6, 0.4])
-    c("crmogm_mgda_a0.5/5x7/same/call1/w", [0.008519169496, 0.6094059882, 0.02630414165,
-                                           0.1471213802, 0.2086493205])
+    c(
+        "crmogm_mgda_a0.5/5x7/same/call1/w",
+        [0.008519169496, 0.6094059882, 0.02630414165, 0.1471213802, 0.2086493205],
+    )
     c("modo/base/call0/w", [1, 0])
     c("modo/base/call0/d", [-4, 1, 1])
     c("modo/5x7/call0/w", [0, 0.474080769, 0.206191877, 0.2158484194, 0.1038789347])
-    c("modo/5x7/call0/d", [0.3200714639, 0.359089474, 0.3586244489, 0.5551923871, 0.3478503498,
-                           -0.01120037688, -0.5452660582])
+    c(
+        "modo/5x7/call0/d",
+        [
+            0.3200714639,
+            0.359089474,
+            0.3586244489,
+            0.5551923871,
+            0.3478503498,
+            -0.01120037688,
+            -0.5452660582,
+        ],
+    )
     c("sdmgrad/base/call0/w", [0.1153846154, 0.8846153846])
     c("sdmgrad/base/call0/d", [4.846153846, 1, 1])
     c("sdmgrad/5x7/call0/w", [0.04615384615] * 4 + [0.8153846154])
@@ -882,9 +1151,18 @@ def modern(Js):
     # 2nd-call published values for MoDo / SDMGrad use the same G twice
     for mid, make, name, w2 in [
         ("modo", MoDoWeighting, "base", [0, 1]),
-        ("modo", MoDoWeighting, "5x7", [0, 0.5411466286, 0.1137755798, 0.2318421591, 0.1132356325]),
-        ("sdmgrad", SDMGradWeighting, "5x7", [0.04615384615, 0.4367646275, 0.04615384615,
-                                            0.4247738341, 0.04615384615]),
+        (
+            "modo",
+            MoDoWeighting,
+            "5x7",
+            [0, 0.5411466286, 0.1137755798, 0.2318421591, 0.1132356325],
+        ),
+        (
+            "sdmgrad",
+            SDMGradWeighting,
+            "5x7",
+            [0.04615384615, 0.4367646275, 0.04615384615, 0.4247738341, 0.04615384615],
+        ),
     ]:
         wt = make()
         G = T(sel[name] @ sel[name].T)
@@ -894,7 +1172,7 @@ def modern(Js):
     save_split("modern", out, sel, threshold=1000)
 
 
-# --------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------
 # 4. scalarization
 
 
@@ -956,7 +1234,10 @@ def scalarization(Js):
 
         # UW / IMTLL: at init (s = 0) and at a given s; grads w.r.t. L and s
         s_rand = rng.normal(0.0, 0.5, L.shape)
-        for sid, cls, attr in [("uw", S.UW, "log_var"), ("imtll", S.IMTLL, "log_scale")]:
+        for sid, cls, attr in [
+            ("uw", S.UW, "log_var"),
+            ("imtll", S.IMTLL, "log_scale"),
+        ]:
             for suffix, s_val in (("0", np.zeros(L.shape)), ("", s_rand)):
                 sc = cls(L.shape).double()
                 with torch.no_grad():
@@ -970,7 +1251,9 @@ def scalarization(Js):
 
         # FAMO: 3 steps of (call on L_k, then update(Lnew_k)); logits after each update
         for sid, min_l in (("famo", None), ("famo_min", 0.1 * L)):
-            sc = S.FAMO(L.shape, min_losses=None if min_l is None else T(min_l)).double()
+            sc = S.FAMO(
+                L.shape, min_losses=None if min_l is None else T(min_l)
+            ).double()
             if min_l is not None:
                 out[f"{sid}/{k}/min_losses"] = min_l
             Lk = L.copy()
@@ -986,14 +1269,21 @@ def scalarization(Js):
                 out[f"{pre}/grad"] = g
                 out[f"{pre}/Lnew"] = Lnew
                 out[f"{pre}/logits"] = N(sc._w)
-                # next call: same L for the doc case at step 1 (published), else the new losses
+                # next call: same L for the doc case at step 1 (published), else the new
+                # losses
                 Lk = L.copy() if (k == "doc" and step == 0) else Lnew
 
-        # DWA: a flat sequence of calls; step() called after the calls flagged step_after = 1
+        # DWA: a flat sequence of calls; step() called after the calls flagged
+        # step_after = 1
         sc = S.DWA()
         if k == "doc":
-            seq = [(np.array([0.8, 1.9, 3.0]), 1), (np.array([0.6, 1.8, 3.1]), 1), (L, 0),
-                   (L * 0.9, 1), (L * 0.8, 0)]
+            seq = [
+                (np.array([0.8, 1.9, 3.0]), 1),
+                (np.array([0.6, 1.8, 3.1]), 1),
+                (L, 0),
+                (L * 0.9, 1),
+                (L * 0.8, 0),
+            ]
         else:
             seq = []
             Lc = L.copy()
@@ -1013,34 +1303,49 @@ def scalarization(Js):
 
     print("scalarization checks (methods.md §9.7):")
     c = lambda k, e, a=1e-8: check(k, out[k], e, a)  # noqa: E731
-    c("mean/doc/value", 2); c("mean/doc/grad", [1 / 3] * 3)
-    c("sum/doc/value", 6); c("sum/doc/grad", [1, 1, 1])
-    c("constant/doc/value", 2.3); c("constant/doc/grad", [0.2, 0.3, 0.5])
-    c("geometricmean/doc/value", 1.817120593); c("geometricmean/doc/grad", [0.60570686, 0.30285343, 0.20190229])
-    c("cosmos_l1/doc/value", 1.302823535); c("cosmos_l1/doc/grad", [0.18451589, 0.31238729, 0.49690318])
-    c("stch_0.5/doc/value", 1.287467286); c("stch_0.5/doc/grad", [0.049445699, 0.096307072, 0.18758056])
-    c("stch_0.5_w/doc/value", 1.607383268); c("stch_0.5_w/doc/grad", [0.011983741, 0.04000546, 0.40336488])
+    c("mean/doc/value", 2)
+    c("mean/doc/grad", [1 / 3] * 3)
+    c("sum/doc/value", 6)
+    c("sum/doc/grad", [1, 1, 1])
+    c("constant/doc/value", 2.3)
+    c("constant/doc/grad", [0.2, 0.3, 0.5])
+    c("geometricmean/doc/value", 1.817120593)
+    c("geometricmean/doc/grad", [0.60570686, 0.30285343, 0.20190229])
+    c("cosmos_l1/doc/value", 1.302823535)
+    c("cosmos_l1/doc/grad", [0.18451589, 0.31238729, 0.49690318])
+    c("stch_0.5/doc/value", 1.287467286)
+    c("stch_0.5/doc/grad", [0.049445699, 0.096307072, 0.18758056])
+    c("stch_0.5_w/doc/value", 1.607383268)
+    c("stch_0.5_w/doc/grad", [0.011983741, 0.04000546, 0.40336488])
     c("stch_0.5_w_ref/doc/value", 1.382010431)
     c("stch_0.5_w_ref/doc/grad", [0.015398907, 0.046514385, 0.38397876])
-    c("pbi_5/doc/value", 5.135971403); c("pbi_5/doc/grad", [-3.4219004, 3.7647146, 0.3428142], 1e-7)
-    c("uw0/doc/value", 3); c("uw0/doc/grad", [0.5] * 3)
-    c("imtll0/doc/value", 6); c("imtll0/doc/grad", [1] * 3)
-    c("famo/doc/step0/value", 0.9773233641); c("famo/doc/step0/grad", [0.54545454, 0.27272727, 0.18181818])
+    c("pbi_5/doc/value", 5.135971403)
+    c("pbi_5/doc/grad", [-3.4219004, 3.7647146, 0.3428142], 1e-7)
+    c("uw0/doc/value", 3)
+    c("uw0/doc/grad", [0.5] * 3)
+    c("imtll0/doc/value", 6)
+    c("imtll0/doc/grad", [1] * 3)
+    c("famo/doc/step0/value", 0.9773233641)
+    c("famo/doc/step0/grad", [0.54545454, 0.27272727, 0.18181818])
     c("famo/doc/step0/logits", [-0.0249999982, 0.0249999956, 0.0249999969])
-    c("famo/doc/step1/value", 1.004032774); c("famo/doc/step1/grad", [0.53303221, 0.28018068, 0.18678712])
-    c("dwa/doc/call2/value", 6.14023039); c("dwa/doc/call2/grad", [0.92140133, 1.016967, 1.0616317], 1e-7)  # published to 7 digits
-    c("random/doc/value", 1.175839022); c("random/doc/grad", [0.84463421, 0.13489256, 0.020473229])
+    c("famo/doc/step1/value", 1.004032774)
+    c("famo/doc/step1/grad", [0.53303221, 0.28018068, 0.18678712])
+    c("dwa/doc/call2/value", 6.14023039)
+    c(
+        "dwa/doc/call2/grad", [0.92140133, 1.016967, 1.0616317], 1e-7
+    )  # published to 7 digits
+    c("random/doc/value", 1.175839022)
+    c("random/doc/grad", [0.84463421, 0.13489256, 0.020473229])
     print(f"scalarization built in {time.time() - t0:.1f}s")
     save("scalarization.npz", out)
 
 
-# --------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------
 # 5. autojac
 
 
 def autojac(Js):
     from torch import nn
-
     from torchjd.autojac import backward, jac, jac_to_grad, mtl_backward
 
     t0 = time.time()
@@ -1049,7 +1354,8 @@ def autojac(Js):
     x = rng.standard_normal((16, 10))
     y = rng.standard_normal((16, 2))
 
-    # basic: Linear(10,5) -> ReLU -> Linear(5,2), one MSE loss per output column, 100 SGD steps
+    # basic: Linear(10,5) -> ReLU -> Linear(5,2), one MSE loss per output column, 100
+    # SGD steps
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(10, 5), nn.ReLU(), nn.Linear(5, 2)).double()
     out["basic/x"] = x
@@ -1080,7 +1386,8 @@ def autojac(Js):
     for pn, p in model.named_parameters():
         out[f"basic/final/{pn}"] = N(p)
 
-    # mtl: trunk Linear(10,8)+ReLU, heads Linear(8,1) x2; mtl_backward + jac_to_grad(trunk), 20 steps
+    # mtl: trunk Linear(10,8)+ReLU, heads Linear(8,1) x2; mtl_backward +
+    # jac_to_grad(trunk), 20 steps
     torch.manual_seed(1)
     trunk = nn.Sequential(nn.Linear(10, 8), nn.ReLU()).double()
     head1 = nn.Linear(8, 1).double()
@@ -1147,16 +1454,21 @@ def autojac(Js):
 
     print("autojac checks (methods.md §9.8):")
     c = lambda k, e, a=1e-12: check(k, out[k], e, a)  # noqa: E731
-    c("doc1/jac", [[-1, 1], [2, 4]]); c("doc1/grad", [0.5, 2.5], 1e-9); c("doc1/weights", [0.5, 0.5], 1e-9)
+    c("doc1/jac", [[-1, 1], [2, 4]])
+    c("doc1/grad", [0.5, 2.5], 1e-9)
+    c("doc1/weights", [0.5, 0.5], 1e-9)
     c("doc2/gramian", [[3, 0, -1], [0, 3, -3], [-1, -3, 122]])
     c("doc3/jac", [[2, 4], [2, -4]])
-    print(f"  basic losses: step0 {out['basic/losses'][0]}, step99 {out['basic/losses'][-1]}")
+    print(
+        f"  basic losses: step0 {out['basic/losses'][0]}, "
+        f"step99 {out['basic/losses'][-1]}"
+    )
     print(f"  mtl losses: step0 {out['mtl/losses'][0]}, step19 {out['mtl/losses'][-1]}")
     print(f"autojac built in {time.time() - t0:.1f}s")
     save("autojac.npz", out)
 
 
-# --------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------
 
 
 PARTS = ["foundation", "zoo", "modern", "scalarization", "autojac"]
