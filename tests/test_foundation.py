@@ -170,8 +170,9 @@ def test_no_retrace(agg, getkey):
 
 @pytest.mark.parametrize("agg", NON_CONFLICTING)
 def test_non_conflicting(agg, getkey):
-    # The multiplier of the regularised QP is non-negative: G w / tr(G) + reg_eps w >=
-    # 0, so J A(J) = G w >= -reg_eps tr(G) w exactly (and >= 0 when reg_eps = 0).
+    # The multiplier of the regularised QP is non-negative:
+    # G w / tr(G) + reg_eps w >= 0, so J A(J) = G w >= -reg_eps tr(G) w exactly (and
+    # >= 0 when reg_eps = 0).
     for name, J in jacobian_kinds(getkey()).items():
         w, y = agg.weights(J), J @ agg(J)
         trace = jnp.sum(J**2)

@@ -467,8 +467,7 @@ def foundation(Js, meta):
     c("dualproj/krum/d", [21.2789313, -123.7129988, 18.29507118], 1e-6)
     c("dualproj/krum/w", [1.87086136, 0.2, 0.2, 3.808069941, 0.2])
     print(f"foundation built in {time.time() - t0:.1f}s")
-    # Large matrices go to foundation_large.npz (same key layout) to keep each file < 1
-    # MB.
+    # Large matrices go to foundation_large.npz (same key layout): each file < 1 MB.
     large = {
         k for k, J in Js.items() if J.shape[0] * (J.shape[0] + J.shape[1]) > LARGE_SIZE
     }
@@ -550,8 +549,7 @@ def zoo_selection(Js):
     return sel
 
 
-# numpy re-implementations used to self-check that the stored draws are the ones TorchJD
-# used
+# numpy re-implementations, to check that the stored draws are the ones TorchJD used
 def np_pcgrad(G, perms):
     m = G.shape[0]
     w = np.zeros(m)
@@ -1022,8 +1020,8 @@ def modern(Js):
     c("gradvac/base/same/call0/d", [0.5847953281, 3.801169586, 3.801169586])
     c("gradvac/base/same/call0/w", [2.222222219, 1.578947367])
     # methods.md §9.2 calls this "the state after the first call"; it is the state after
-    # the SECOND call on J_base (after the first call phi_hat = beta * cos =
-    # -0.4205955119).
+    # the SECOND call on J_base (after the first call,
+    # phi_hat = beta * cos = -0.4205955119).
     c("gradvac/base/same/call1/phi", [[0, -0.6308932679], [-0.6308932679, 0]])
     c("gradvac/base/same/call0/phi", [[0, -0.4205955119], [-0.4205955119, 0]])
     c(
@@ -1048,8 +1046,7 @@ def modern(Js):
         [[0, 1, 3, 2], [0, 2, 3, 1], [3, 2, 0, 1], [3, 0, 2, 1], [0, 1, 2, 3]],
         0,
     )
-    # published 2nd GradVac calls use seed 0 again (stored fixtures use seed k for call
-    # k)
+    # published 2nd GradVac calls use seed 0 again (stored fixtures: seed k for call k)
     for name, w2, d2 in [
         ("base", [1.857987802, 1.406415275], [1.006540441, 3.264403077, 3.264403077]),
         ("5x7", [1, 2.033075705, 1.051210751, 1.191980765, 1.169878214], None),
@@ -1354,8 +1351,8 @@ def autojac(Js):
     x = rng.standard_normal((16, 10))
     y = rng.standard_normal((16, 2))
 
-    # basic: Linear(10,5) -> ReLU -> Linear(5,2), one MSE loss per output column, 100
-    # SGD steps
+    # basic: Linear(10,5) -> ReLU -> Linear(5,2), one MSE loss per output column,
+    # 100 SGD steps
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(10, 5), nn.ReLU(), nn.Linear(5, 2)).double()
     out["basic/x"] = x
@@ -1386,8 +1383,8 @@ def autojac(Js):
     for pn, p in model.named_parameters():
         out[f"basic/final/{pn}"] = N(p)
 
-    # mtl: trunk Linear(10,8)+ReLU, heads Linear(8,1) x2; mtl_backward +
-    # jac_to_grad(trunk), 20 steps
+    # mtl: trunk Linear(10,8)+ReLU, heads Linear(8,1) x2;
+    # mtl_backward + jac_to_grad(trunk), 20 steps
     torch.manual_seed(1)
     trunk = nn.Sequential(nn.Linear(10, 8), nn.ReLU()).double()
     head1 = nn.Linear(8, 1).double()
