@@ -5,8 +5,9 @@ import jax.lax as lax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, PRNGKeyArray
 
+from ._checks import check_matrix
 from ._custom_types import State
-from ._misc import check_matrix, combine, gramian
+from ._misc import combine, gramian
 from ._weighting import AbstractStatefulWeighting, AbstractWeighting
 
 

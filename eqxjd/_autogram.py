@@ -16,7 +16,6 @@ Two paths compute $G = J J^\top$ of a loss vector w.r.t. (a filtered part of) a 
 update $\nabla_\theta \sum_i w_i \ell_i$ as one VJP: the Jacobian is never kept.
 """
 
-import math
 from collections.abc import Callable
 from typing import Any
 
@@ -24,35 +23,31 @@ import equinox as eqx
 import jax
 import jax.lax as lax
 import jax.numpy as jnp
-import jax.tree_util as jtu
 from jaxtyping import Array, Float, PRNGKeyArray, PyTree
 
 from ._aggregator import (
     AbstractGramianWeightedAggregator,
     AbstractStatefulGramianWeightedAggregator,
 )
+from ._checks import check_chunk_size
 from ._custom_types import State
-from ._misc import check_chunk_size
+from ._gramian import (
+    batch_size,
+    batched_losses,
+    FilterSpec,
+    generic_gramian,
+    independence_check,
+    per_sample_gramian,
+    per_sample_vector_fn,
+    split_params,
+)
 from ._weighting import AbstractStatefulWeighting, AbstractWeighting
 
 
 _HIGHEST = lax.Precision.HIGHEST
-FilterSpec = bool | Callable[[Any], bool] | PyTree[bool | Callable[[Any], bool]]
 
 
-# ---------------------------------------------------------------------------- helpers
-
-
-def _split_params(params: PyTree, filter_spec: FilterSpec):
-    """(gramian part, other differentiable part, static part)."""
-    diff, static = eqx.partition(params, eqx.is_inexact_array)
-    gram, rest = eqx.partition(diff, filter_spec)
-    if not jtu.tree_leaves(gram):
-        raise ValueError(
-            "No floating-point array of `params` is selected for the Gramian: check "
-            "`filter_spec` (a pytree of bools / callables like `eqx.partition`'s)."
-        )
-    return gram, rest, static
+# ------------------------------------------------------------------------- the update
 
 
 def _check_losses(losses: Any, what: str) -> Array:
@@ -63,77 +58,7 @@ def _check_losses(losses: Any, what: str) -> Array:
     return losses
 
 
-def _batch_size(batch: tuple[Any, ...]) -> int:
-    leaves = jtu.tree_leaves(batch)
-    if not leaves:
-        raise ValueError(
-            "The per-sample path needs at least one batched array (leading axis = "
-            "batch size) after `params`."
-        )
-    sizes = set()
-    for leaf in leaves:
-        if jnp.ndim(leaf) < 1:
-            raise ValueError(
-                "Every batched argument needs a leading batch axis; got a leaf of "
-                f"shape {jnp.shape(leaf)}. Close over non-batched arguments instead."
-            )
-        sizes.add(jnp.shape(leaf)[0])
-    if len(sizes) != 1:
-        raise ValueError(
-            "Mismatched batch sizes: every batched argument must have the same leading "
-            f"axis size; got {sorted(sizes)}."
-        )
-    return sizes.pop()
-
-
-def _flat_rows(tree: PyTree[Array], rows: int) -> list[Array]:
-    return [
-        jnp.reshape(leaf, (rows, math.prod(leaf.shape) // max(rows, 1)))
-        for leaf in jtu.tree_leaves(tree)
-    ]
-
-
-def _block(left: list[Array], right: list[Array], dtype) -> Array:
-    """$\\sum_\\ell A_\\ell B_\\ell^\\top$ over the leaves."""
-    out = jnp.zeros((left[0].shape[0], right[0].shape[0]), dtype)
-    for a, b in zip(left, right):
-        out = out + jnp.matmul(a.astype(dtype), b.astype(dtype).T, precision=_HIGHEST)
-    return out
-
-
-def _symmetrize(g: Array) -> Array:
-    # Exactly symmetric (a A^T computed by XLA need not be bit-for-bit symmetric).
-    return (g + g.T) / jnp.asarray(2, g.dtype)
-
-
-# ------------------------------------------------------------------------ generic path
-
-
-def _generic_gramian(
-    fn_of_gram: Callable[[PyTree], Array],
-    gram: PyTree,
-    chunk_size: int | None,
-) -> tuple[Array, Array]:
-    losses, f_jvp = jax.linearize(fn_of_gram, gram)
-    losses = _check_losses(losses, "`fn`")
-    shape, dtype = losses.shape, losses.dtype
-    m = math.prod(shape)
-    f_vjp = jax.linear_transpose(f_jvp, gram)
-    eye = jnp.eye(m, dtype=dtype)
-    if chunk_size is None or chunk_size >= m:
-        # All rows at once: J is formed transiently, G = sum over leaves of J_l J_l^T.
-        rows = jax.vmap(lambda e: f_vjp(jnp.reshape(e, shape))[0])(eye)
-        leaves = _flat_rows(rows, m)
-        g = _block(leaves, leaves, dtype)
-    else:
-        # G e_i = J (J^T e_i): a VJP then a JVP through the same linearisation, for
-        # `chunk_size` basis vectors at a time. 2m linear passes, O(chunk_size * n).
-        def column(e):
-            (row,) = f_vjp(jnp.reshape(e, shape))
-            return jnp.reshape(f_jvp(row), (m,))
-
-        g = lax.map(column, eye, batch_size=chunk_size)
-    return losses, _symmetrize(g)
+# ------------------------------------------------------------------------- the update
 
 
 def value_and_gramian(
@@ -174,221 +99,16 @@ def value_and_gramian(
     `losses.ravel()`.
     """
     check_chunk_size(chunk_size)
-    gram, rest, static = _split_params(params, filter_spec)
+    gram, rest, static = split_params(params, filter_spec)
     rest = lax.stop_gradient(rest)
 
     def fn_of_gram(g):
         return fn(eqx.combine(g, rest, static), *args)
 
-    return _generic_gramian(fn_of_gram, gram, chunk_size)
+    return generic_gramian(fn_of_gram, gram, chunk_size)
 
 
-# --------------------------------------------------------------------- per-sample path
-
-
-def _per_sample_vector_fn(
-    loss_fn: Callable[..., Array], rest: PyTree, static: PyTree, batched: bool
-) -> Callable[..., Array]:
-    """`(gram, *sample) -> (T,)` losses of one sample."""
-
-    def vec(g, *sample):
-        model = eqx.combine(g, rest, static)
-        if batched:
-            sample = jtu.tree_map(lambda x: x[None], sample)
-            out = loss_fn(model, *sample)
-            if jnp.ndim(out) < 1 or out.shape[0] != 1:
-                raise ValueError(
-                    "With `batched=True`, `loss_fn` must return losses of shape (B,) "
-                    f"or (B, T); on a batch of 1 it returned shape {jnp.shape(out)}."
-                )
-        else:
-            out = loss_fn(model, *sample)
-        out = _check_losses(out, "`loss_fn`")
-        if out.ndim > (2 if batched else 1):
-            raise ValueError(
-                "Per-sample losses must be a scalar or a vector of tasks (T,) per "
-                f"sample; got shape {out.shape[1:] if batched else out.shape}."
-            )
-        return jnp.reshape(out, (-1,))
-
-    return vec
-
-
-def _batched_losses(
-    loss_fn: Callable[..., Array], batched: bool, model: PyTree, batch: tuple, size: int
-) -> Array:
-    if batched:
-        losses = loss_fn(model, *batch)
-    else:
-        losses = jax.vmap(lambda *sample: loss_fn(model, *sample))(*batch)
-    losses = _check_losses(losses, "`loss_fn`")
-    if losses.ndim not in (1, 2) or losses.shape[0] != size:
-        raise ValueError(
-            f"The losses over the batch must have shape ({size},) or ({size}, T); "
-            f"got {losses.shape}."
-        )
-    return losses
-
-
-def _per_sample_gramian(
-    vec: Callable[..., Array],
-    gram: PyTree,
-    batch: tuple,
-    size: int,
-    tasks: int,
-    dtype,
-    chunk_size: int | None,
-) -> Array:
-    per_sample_jac = jax.vmap(jax.jacrev(vec), in_axes=(None,) + (0,) * len(batch))
-
-    def chunk_rows(chunk: tuple) -> list[Array]:
-        jac = per_sample_jac(gram, *chunk)  # leaves (c, T, *leaf_shape)
-        rows = jtu.tree_leaves(jac)[0].shape[0] * tasks
-        return _flat_rows(jac, rows)
-
-    if chunk_size is None or chunk_size >= size:
-        rows = chunk_rows(batch)
-        return _symmetrize(_block(rows, rows, dtype))
-    if _forward_mode_is_cheap(vec, gram, batch):
-        return _forward_gramian(vec, gram, batch, size, tasks, dtype, chunk_size)
-    return _pairwise_gramian(chunk_rows, batch, size, tasks, dtype, chunk_size)
-
-
-def _chunk_starts(size: int, c: int) -> Array:
-    # Chunk i covers samples [start_i, start_i + c) with start_i = min(i c, B - c): the
-    # last chunk overlaps the previous one when c does not divide B (overlapping
-    # entries are written twice with the same values). No padding.
-    return jnp.minimum(jnp.arange(-(-size // c)) * c, size - c)
-
-
-def _task_rows(samples: Array, tasks: int) -> Array:
-    return jnp.ravel(samples[:, None] * tasks + jnp.arange(tasks)[None, :])
-
-
-def _forward_mode_is_cheap(vec: Callable[..., Array], gram: PyTree, batch) -> bool:
-    """Whether one sample's JVP costs at most ~8 flops per parameter (dense layers:
-    about 6), i.e. about as much as dots with a few gradients; with weight sharing
-    (convolutions, sequences) it costs far more."""
-    spec = jtu.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), gram)
-    sample = jtu.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype), batch)
-
-    def jvp(g, *s):
-        return jax.jvp(lambda p: vec(p, *s), (g,), (g,))
-
-    try:  # forward mode may be unsupported (a `jax.custom_vjp` in the model)
-        cost = jax.jit(jvp).lower(spec, *sample).cost_analysis()
-    except (TypeError, NotImplementedError):
-        return False
-    cost = cost[0] if isinstance(cost, (list, tuple)) and cost else cost
-    flops = cost.get("flops") if isinstance(cost, dict) else None
-    params = sum(math.prod(x.shape) for x in jtu.tree_leaves(gram))
-    return flops is not None and 0 < flops <= 8 * params
-
-
-def _forward_gramian(vec, gram, batch, size, tasks, dtype, c) -> Array:
-    """Dense-layer models: per chunk $a$, $J_a$ (c per-sample gradients) once, then the
-    entries $G_{ij} = \\partial_{g_i} \\ell_j$ as JVPs of the losses of chunks
-    $a, \\dots, a + k/2$ (mod k) in the $c$ directions $g_i$. Each chunk pair is covered
-    (by symmetry) with $k$ chunk Jacobians instead of $k(k+1)/2$, and the contractions
-    are large matmuls (directions x samples) instead of $c \\times c$ dots over $n$."""
-    per_sample_jac = jax.vmap(jax.jacrev(vec), in_axes=(None,) + (0,) * len(batch))
-    losses_of = jax.vmap(vec, in_axes=(None,) + (0,) * len(batch))
-    starts = _chunk_starts(size, c)
-    k = starts.shape[0]
-
-    def take(samples):
-        return jtu.tree_map(lambda x: jnp.take(x, samples, axis=0), batch)
-
-    def body(a, g):
-        own = starts[a] + jnp.arange(c)
-        partners = jnp.concatenate(
-            [starts[(a + j) % k] + jnp.arange(c) for j in range(k // 2 + 1)]
-        )
-        jac = per_sample_jac(gram, *take(own))  # leaves (c, T, *leaf_shape)
-        directions = jtu.tree_map(lambda x: jnp.reshape(x, (-1, *x.shape[2:])), jac)
-        sub = take(partners)
-
-        def column(t):
-            return jax.jvp(lambda p: losses_of(p, *sub), (gram,), (t,))[1]
-
-        with jax.default_matmul_precision("highest"):
-            blk = jax.vmap(column)(directions)
-        blk = jnp.reshape(blk, (c * tasks, -1)).astype(dtype)
-        rows, cols = _task_rows(own, tasks), _task_rows(partners, tasks)
-        g = g.at[rows[:, None], cols[None, :]].set(blk)
-        return g.at[cols[:, None], rows[None, :]].set(blk.T)
-
-    g = lax.fori_loop(0, k, body, jnp.zeros((size * tasks,) * 2, dtype))
-    return _symmetrize(g)
-
-
-def _pairwise_gramian(chunk_rows, batch, size, tasks, dtype, c) -> Array:
-    """Any model: blocks $G_{ab}$ for chunk pairs $a \\le b$, chunk $b$ recomputed for
-    each $a$ ($k(k+1)/2$ chunk Jacobians), two chunks of gradients alive at once."""
-    starts = _chunk_starts(size, c)
-    k = starts.shape[0]
-
-    def chunk(i):
-        return jtu.tree_map(lambda x: lax.dynamic_slice_in_dim(x, starts[i], c), batch)
-
-    def outer(a, g):
-        rows_a = chunk_rows(chunk(a))
-        row = starts[a] * tasks
-        g = lax.dynamic_update_slice(g, _block(rows_a, rows_a, dtype), (row, row))
-
-        def inner(b, g):
-            col = starts[b] * tasks
-            blk = _block(rows_a, chunk_rows(chunk(b)), dtype)
-            g = lax.dynamic_update_slice(g, blk, (row, col))
-            return lax.dynamic_update_slice(g, blk.T, (col, row))
-
-        return lax.fori_loop(a + 1, k, inner, g)
-
-    g = lax.fori_loop(0, k, outer, jnp.zeros((size * tasks,) * 2, dtype))
-    return _symmetrize(g)
-
-
-def _independence_check(
-    losses: Array,
-    loss_fn: Callable[..., Array],
-    model_diff: PyTree,
-    static: PyTree,
-    batch: tuple,
-    vec: Callable[..., Array],
-    gram: PyTree,
-    rtol: float,
-) -> Array:
-    """Errors (at run time) if the batched losses or the gradient of sample 0 differ
-    from the ones computed on a batch of one."""
-    first = jtu.tree_map(lambda x: x[0], batch)
-    single = jax.vmap(vec, in_axes=(None,) + (0,) * len(batch))(gram, *batch)
-    flat = jnp.reshape(losses, single.shape)
-
-    def first_loss_in_batch(g):
-        out = loss_fn(eqx.combine(g, model_diff, static), *batch)
-        return jnp.sum(jnp.reshape(out, (out.shape[0], -1))[0])
-
-    g_batch = jax.grad(first_loss_in_batch)(gram)
-    g_single = jax.grad(lambda g: jnp.sum(vec(g, *first)))(gram)
-    dtype = losses.dtype
-
-    def mismatch(x, y):
-        tol = jnp.asarray(rtol, dtype) * (jnp.max(jnp.abs(y)) + jnp.asarray(1, dtype))
-        # NaN counts as a mismatch: compare elementwise, since XLA:CPU's max reductions
-        # over large arrays drop NaN.
-        return ~jnp.all(jnp.abs(x - y) <= tol)
-
-    bad = mismatch(flat, single)
-    for x, y in zip(jtu.tree_leaves(g_batch), jtu.tree_leaves(g_single)):
-        bad = bad | mismatch(x, y)
-    return eqx.error_if(
-        losses,
-        bad,
-        "The batch elements are not independent: the losses or the gradient of "
-        "sample 0 computed on the whole batch differ from those on a batch of one "
-        "(e.g. BatchNorm in training mode). Use the generic path, "
-        "`eqxjd.value_and_gramian`.",
-    )
+# ------------------------------------------------------------------------- the update
 
 
 def per_sample_value_and_gramian(
@@ -483,19 +203,19 @@ def _per_sample(
     want_vjp,
 ):
     check_chunk_size(chunk_size)
-    size = _batch_size(batch)
-    gram, rest, static = _split_params(params, filter_spec)
+    size = batch_size(batch)
+    gram, rest, static = split_params(params, filter_spec)
     diff, _ = eqx.partition(params, eqx.is_inexact_array)
 
     def batched_of_diff(d):
-        return _batched_losses(loss_fn, batched, eqx.combine(d, static), batch, size)
+        return batched_losses(loss_fn, batched, eqx.combine(d, static), batch, size)
 
     if want_vjp:
         losses, vjp = jax.vjp(batched_of_diff, diff)
     else:
         losses, vjp = batched_of_diff(diff), None
     tasks = 1 if losses.ndim == 1 else losses.shape[1]
-    vec = _per_sample_vector_fn(
+    vec = per_sample_vector_fn(
         loss_fn, lax.stop_gradient(rest), static, batched=batched
     )
     gram = lax.stop_gradient(gram)
@@ -505,10 +225,10 @@ def _per_sample(
                 "`check_independence` only applies with `batched=True`: a per-sample "
                 "`loss_fn` is vmapped, which makes samples independent by construction."
             )
-        losses = _independence_check(
+        losses = independence_check(
             losses, loss_fn, lax.stop_gradient(rest), static, batch, vec, gram, rtol
         )
-    g = _per_sample_gramian(vec, gram, batch, size, tasks, losses.dtype, chunk_size)
+    g = per_sample_gramian(vec, gram, batch, size, tasks, losses.dtype, chunk_size)
     return losses, g, vjp
 
 

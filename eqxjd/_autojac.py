@@ -15,8 +15,8 @@ import jax.tree_util as jtu
 from jaxtyping import Array, PRNGKeyArray, PyTree
 
 from ._aggregator import AbstractAggregator, AbstractStatefulAggregator
+from ._checks import check_chunk_size
 from ._custom_types import State
-from ._misc import check_chunk_size
 from ._pytree import aggregate_tree, check_jacobian_tree, init_tree
 
 

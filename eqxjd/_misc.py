@@ -1,43 +1,13 @@
 import jax
 import jax.lax as lax
 import jax.numpy as jnp
-from jaxtyping import Array, ArrayLike, Float, Shaped
+from jaxtyping import Array, ArrayLike, Float
 
+from ._checks import check_length
 from ._custom_types import ScalarLike
 
 
 _HIGHEST = lax.Precision.HIGHEST
-
-
-def check_matrix(matrix: Shaped[Array, "..."], name: str = "jacobian") -> None:
-    """Raises a `ValueError` unless `matrix` is a 2-D floating array (static check)."""
-    shape = jnp.shape(matrix)
-    if len(shape) != 2:
-        raise ValueError(
-            f"`{name}` must be a matrix of shape (m, n); got an array of shape {shape}."
-        )
-    if not jnp.issubdtype(jnp.result_type(matrix), jnp.inexact):
-        raise ValueError(
-            f"`{name}` must have a floating dtype; got {jnp.result_type(matrix)}. "
-            "Convert it with `.astype(jnp.float32)` or `.astype(jnp.float64)`."
-        )
-
-
-def check_gramian(gramian: Shaped[Array, "..."]) -> None:
-    """Raises a `ValueError` unless `gramian` is a square floating matrix."""
-    check_matrix(gramian, "gramian")
-    m, k = gramian.shape
-    if m != k:
-        raise ValueError(f"`gramian` must be square; got shape {gramian.shape}.")
-
-
-def check_length(vector: Shaped[Array, " k"], m: int, name: str) -> None:
-    """Raises a `ValueError` if `vector` does not have one entry per objective."""
-    if vector.shape[0] != m:
-        raise ValueError(
-            f"`{name}` has {vector.shape[0]} entries but there are {m} objectives "
-            "(rows of the Jacobian)."
-        )
 
 
 def as_vector(value: ArrayLike | None, name: str) -> Float[Array, " k"] | None:
@@ -50,11 +20,6 @@ def as_vector(value: ArrayLike | None, name: str) -> Float[Array, " k"] | None:
     if not jnp.issubdtype(array.dtype, jnp.inexact):
         array = array.astype(jnp.result_type(float))
     return array
-
-
-def check_nonnegative(value: ScalarLike, name: str) -> None:
-    if isinstance(value, (int, float)) and value < 0:
-        raise ValueError(f"`{name}` must be non-negative; got {value}.")
 
 
 def gramian(matrix: Float[Array, "m n"]) -> Float[Array, "m m"]:
@@ -133,16 +98,3 @@ def pinv(matrix: Float[Array, "a b"]) -> Float[Array, "b a"]:
 def lower_median(x: Float[Array, " k"]) -> Float[Array, ""]:
     """torch.median's convention: element (k - 1) // 2 of the ascending order."""
     return jnp.sort(x)[(x.shape[0] - 1) // 2]
-
-
-def check_chunk_size(chunk_size: int | None) -> None:
-    """`None` (everything at once) or a positive int (a static loop bound)."""
-    if chunk_size is not None and (
-        isinstance(chunk_size, bool)
-        or not isinstance(chunk_size, int)
-        or chunk_size < 1
-    ):
-        raise ValueError(
-            f"`chunk_size` must be None (all rows at once) or a positive int; got "
-            f"{chunk_size!r}."
-        )

@@ -26,21 +26,19 @@ import jax.tree_util as jtu
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from jaxtyping import Array, Float, PRNGKeyArray, PyTree
 
-from ._autogram import (
-    _as_weighting,
-    _batch_size,
-    _batched_losses,
-    _block,
-    _flat_rows,
-    _per_sample_vector_fn,
-    _split_params,
-    _symmetrize,
-    AnyGramianWeighting,
-    FilterSpec,
-    GramianUpdate,
-)
+from ._autogram import _as_weighting, AnyGramianWeighting, GramianUpdate
+from ._checks import check_matrix
 from ._custom_types import State
-from ._misc import check_matrix
+from ._gramian import (
+    batch_size,
+    batched_losses,
+    block,
+    FilterSpec,
+    flat_rows,
+    per_sample_vector_fn,
+    split_params,
+    symmetrize,
+)
 from ._weighting import AbstractStatefulWeighting
 
 
@@ -176,43 +174,43 @@ def data_parallel_value_and_update(
             f"{type(weighting).__name__} is stateful: pass `state=weighting.init(G)`."
         )
     devices = _check_axis(mesh, axis_name)
-    size = _batch_size(batch)
+    size = batch_size(batch)
     if size % devices:
         raise ValueError(
             f"The batch size {size} is not divisible by the {devices} devices of mesh "
             f"axis {axis_name!r}."
         )
     diff, static = eqx.partition(params, eqx.is_inexact_array)
-    _split_params(params, filter_spec)  # validates the filter early
+    split_params(params, filter_spec)  # validates the filter early
 
     local_size = size // devices
 
     def local_losses(d, local_batch):
-        return _batched_losses(
+        return batched_losses(
             loss_fn, batched, eqx.combine(d, static), local_batch, local_size
         )
 
     def gramian_part(diff, *local_batch):
         model = eqx.combine(diff, static)
-        gram, rest, static_ = _split_params(model, filter_spec)
+        gram, rest, static_ = split_params(model, filter_spec)
         losses = local_losses(diff, local_batch)
         tasks = 1 if losses.ndim == 1 else losses.shape[1]
         width = local_size * tasks
         dtype = losses.dtype
-        vec = _per_sample_vector_fn(
+        vec = per_sample_vector_fn(
             loss_fn, lax.stop_gradient(rest), static_, batched=batched
         )
         jac = jax.vmap(jax.jacrev(vec), in_axes=(None,) + (0,) * len(local_batch))(
             lax.stop_gradient(gram), *local_batch
         )
-        mine = _flat_rows(jac, width)
+        mine = flat_rows(jac, width)
         index = lax.axis_index(axis_name)
         perm = [(j, (j + 1) % devices) for j in range(devices)]
 
         def step(s, carry):
             rows, visiting = carry
             source = (index - lax.convert_element_type(s, index.dtype)) % devices
-            blk = _block(mine, visiting, dtype)
+            blk = block(mine, visiting, dtype)
             start = (jnp.zeros((), index.dtype), source * width)
             rows = lax.dynamic_update_slice(rows, blk, start)
             visiting = [lax.ppermute(v, axis_name, perm) for v in visiting]
@@ -242,7 +240,7 @@ def data_parallel_value_and_update(
             out_specs=(P(axis_name), P()),
             check_vma=False,
         )(diff, *batch)
-        g = _symmetrize(g)
+        g = symmetrize(g)
         weights, state = _on_one_device(weigh, mesh, g, state, key)
         weights = jnp.reshape(weights, losses.shape).astype(losses.dtype)
         if not weighting.differentiable:

@@ -446,7 +446,7 @@ def strategy(request, monkeypatch):
     estimate); each test jits afresh so that no trace of the other one is reused."""
     forward = request.param == "forward"
     monkeypatch.setattr(
-        eqxjd._autogram, "_forward_mode_is_cheap", lambda *args: forward
+        eqxjd._gramian.per_sample, "forward_mode_is_cheap", lambda *args: forward
     )
     return request.param
 
@@ -498,7 +498,7 @@ def test_chunked_strategies_partial_jd(getkey, strategy):
 
 
 def test_strategy_choice(getkey):
-    cheap = eqxjd._autogram._forward_mode_is_cheap
+    cheap = eqxjd._gramian.per_sample.forward_mode_is_cheap
     wide = eqx.nn.MLP(32, 1, 64, 2, key=getkey(), dtype=jnp.float64)
     xs = jr.normal(getkey(), (7, 32), jnp.float64)
     ys = jr.normal(getkey(), (7, 1), jnp.float64)

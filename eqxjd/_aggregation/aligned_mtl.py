@@ -6,7 +6,8 @@ import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, Float, PRNGKeyArray
 
 from .._aggregator import AbstractGramianWeightedAggregator
-from .._misc import check_gramian, pref_weights
+from .._checks import check_gramian
+from .._misc import pref_weights
 from .._weighting import AbstractWeighting
 from .common import pref_field
 

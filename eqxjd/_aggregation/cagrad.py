@@ -5,8 +5,9 @@ import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, PRNGKeyArray
 
 from .._aggregator import AbstractGramianWeightedAggregator
+from .._checks import check_gramian, check_nonnegative
 from .._custom_types import ScalarLike
-from .._misc import check_gramian, check_nonnegative, normalize, solve_dtype
+from .._misc import normalize, solve_dtype
 from .._weighting import AbstractWeighting
 
 

@@ -3,7 +3,8 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float, PRNGKeyArray
 
 from .._aggregator import AbstractAggregator
-from .._misc import check_length, check_matrix, pinv
+from .._checks import check_length, check_matrix
+from .._misc import pinv
 from .common import pref_field
 
 

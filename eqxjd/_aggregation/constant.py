@@ -4,7 +4,8 @@ import equinox as eqx
 from jaxtyping import Array, ArrayLike, Float, PRNGKeyArray
 
 from .._aggregator import AbstractWeightedAggregator
-from .._misc import as_vector, check_length, check_matrix
+from .._checks import check_length, check_matrix
+from .._misc import as_vector
 from .._weighting import AbstractWeighting
 
 

@@ -5,10 +5,10 @@ import jax.lax as lax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, PRNGKeyArray
 
+from .._checks import check_matrix, check_range, check_scalar, check_state_shape
 from .._custom_types import ScalarLike, State
-from .._misc import as_vector, check_matrix
+from .._misc import as_vector
 from .._weighting import AbstractStatefulWeighting, AbstractWeighting
-from .modern_common import check_range, check_scalar, check_state_shape
 
 
 class _CRMOGMState(eqx.Module):

@@ -2,9 +2,10 @@ import equinox as eqx
 from jaxtyping import Array, ArrayLike, Float, PRNGKeyArray
 
 from .._aggregator import AbstractGramianWeightedAggregator
+from .._checks import check_gramian, check_nonnegative
 from .._custom_types import ScalarLike
 from .._dual_cone import project_onto_dual_cone
-from .._misc import as_vector, check_gramian, check_nonnegative, pref_weights
+from .._misc import as_vector, pref_weights
 from .._solver.base import AbstractQPSolver, SolverName, to_solver
 from .._weighting import AbstractWeighting
 from .upgrad import _ARGS

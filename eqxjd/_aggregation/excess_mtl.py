@@ -7,10 +7,9 @@ import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 
 from .._aggregator import AbstractStatefulWeightedAggregator
+from .._checks import check_matrix, check_range, check_scalar, check_state_shape
 from .._custom_types import ScalarLike, State
-from .._misc import check_matrix
 from .._weighting import AbstractStatefulWeighting
-from .modern_common import check_range, check_scalar, check_state_shape
 
 
 class _ExcessMTLState(eqx.Module):

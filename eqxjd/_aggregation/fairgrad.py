@@ -7,10 +7,10 @@ import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, PRNGKeyArray
 
 from .._aggregator import AbstractGramianWeightedAggregator
+from .._checks import check_gramian, check_range, check_scalar
 from .._custom_types import ScalarLike
-from .._misc import check_gramian, nan_unless_finite, solve_dtype
+from .._misc import nan_unless_finite, solve_dtype
 from .._weighting import AbstractWeighting
-from .modern_common import check_range, check_scalar
 
 
 _DEFAULT_MAX_ITERS = 100

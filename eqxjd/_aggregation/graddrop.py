@@ -8,8 +8,8 @@ import jax.random as jr
 from jaxtyping import Array, Float, PRNGKeyArray
 
 from .._aggregator import AbstractAggregator
-from .._misc import as_vector, check_length, check_matrix
-from .random import _require_key
+from .._checks import check_length, check_matrix, require_key
+from .._misc import as_vector
 
 
 def _identity(purity: Float[Array, " n"]) -> Float[Array, " n"]:
@@ -89,7 +89,7 @@ class GradDrop(AbstractAggregator):
         check_matrix(jacobian)
         if self.leak is not None:
             check_length(self.leak, jacobian.shape[0], "leak")
-        key = _require_key(key, "GradDrop")
+        key = require_key(key, "GradDrop")
         uniforms = graddrop_uniforms(key, jacobian.shape[1], jacobian.dtype)
         out = graddrop(jacobian, uniforms, self.f, self.leak)
         return lax.stop_gradient(out)

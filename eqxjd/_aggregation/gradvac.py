@@ -8,10 +8,15 @@ import jax.random as jr
 from jaxtyping import Array, Float, Int, PRNGKeyArray
 
 from .._aggregator import AbstractStatefulGramianWeightedAggregator
+from .._checks import (
+    check_gramian,
+    check_range,
+    check_scalar,
+    check_state_shape,
+    require_key,
+)
 from .._custom_types import ScalarLike, State
-from .._misc import check_gramian
 from .._weighting import AbstractStatefulWeighting
-from .modern_common import check_range, check_scalar, check_state_shape, require_key
 
 
 class _GradVacState(eqx.Module):

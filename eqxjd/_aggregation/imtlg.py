@@ -5,7 +5,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float, PRNGKeyArray
 
 from .._aggregator import AbstractGramianWeightedAggregator
-from .._misc import check_gramian
+from .._checks import check_gramian
 from .._weighting import AbstractWeighting
 
 

@@ -4,8 +4,8 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float, PRNGKeyArray
 
 from .._aggregator import AbstractGramianWeightedAggregator
+from .._checks import check_gramian
 from .._custom_types import ScalarLike
-from .._misc import check_gramian
 from .._weighting import AbstractWeighting
 
 

@@ -5,10 +5,10 @@ import jax.lax as lax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, PRNGKeyArray
 
+from .._checks import check_gramian, check_range, check_scalar, check_state_shape
 from .._custom_types import ScalarLike, State
-from .._misc import check_gramian, project_onto_simplex
+from .._misc import project_onto_simplex
 from .._weighting import AbstractStatefulWeighting
-from .modern_common import check_range, check_scalar, check_state_shape
 
 
 _HIGHEST = lax.Precision.HIGHEST

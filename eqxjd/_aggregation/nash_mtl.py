@@ -6,8 +6,9 @@ import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 
 from .._aggregator import AbstractStatefulWeightedAggregator
+from .._checks import check_matrix, check_nonnegative
 from .._custom_types import ScalarLike, State
-from .._misc import check_matrix, check_nonnegative, combine, gramian, solve_dtype
+from .._misc import combine, gramian, solve_dtype
 from .._weighting import AbstractStatefulWeighting
 
 

@@ -7,10 +7,10 @@ import numpy as np
 from jaxtyping import Array, ArrayLike, Float, Int, PRNGKeyArray
 
 from .._aggregator import AbstractStatefulGramianWeightedAggregator
+from .._checks import check_gramian, check_range, check_scalar, check_state_shape
 from .._custom_types import ScalarLike, State
-from .._misc import all_finite, check_gramian, solve_dtype
+from .._misc import all_finite, solve_dtype
 from .._weighting import AbstractStatefulWeighting
-from .modern_common import check_range, check_scalar, check_state_shape
 
 
 _HIGHEST = lax.Precision.HIGHEST

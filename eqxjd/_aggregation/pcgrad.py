@@ -7,9 +7,8 @@ import jax.random as jr
 from jaxtyping import Array, Float, Int, PRNGKeyArray
 
 from .._aggregator import AbstractGramianWeightedAggregator
-from .._misc import check_gramian
+from .._checks import check_gramian, require_key
 from .._weighting import AbstractWeighting
-from .random import _require_key
 
 
 def pcgrad_permutations(key: PRNGKeyArray, m: int) -> Int[Array, "m m"]:
@@ -85,7 +84,7 @@ class PCGradWeighting(AbstractWeighting):
         self, gramian: Float[Array, "m m"], /, *, key: PRNGKeyArray | None = None
     ) -> Float[Array, " m"]:
         check_gramian(gramian)
-        key = _require_key(key, "PCGrad")
+        key = require_key(key, "PCGrad")
         permutations = pcgrad_permutations(key, gramian.shape[0])
         return lax.stop_gradient(pcgrad_weights(gramian, permutations))
 

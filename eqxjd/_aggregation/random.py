@@ -4,7 +4,7 @@ import jax.random as jr
 from jaxtyping import Array, Float, PRNGKeyArray
 
 from .._aggregator import AbstractWeightedAggregator
-from .._misc import check_matrix
+from .._checks import check_matrix, require_key
 from .._weighting import AbstractWeighting
 
 
@@ -24,15 +24,6 @@ def random_weights(normals: Float[Array, " m"]) -> Float[Array, " m"]:
     return jax.nn.softmax(normals)
 
 
-def _require_key(key: PRNGKeyArray | None, name: str) -> PRNGKeyArray:
-    if key is None:
-        raise ValueError(
-            f"`{name}` is random: pass a JAX PRNG key, e.g. "
-            "`key=jax.random.key(0)` (split it between calls)."
-        )
-    return key
-
-
 class RandomWeighting(AbstractWeighting):
     r"""Random positive weights: $w = \operatorname{softmax}(z)$ with
     $z \sim \mathcal N(0, I_m)$ drawn from `key` at every call.
@@ -50,7 +41,7 @@ class RandomWeighting(AbstractWeighting):
         self, stat: Float[Array, "m k"], /, *, key: PRNGKeyArray | None = None
     ) -> Float[Array, " m"]:
         check_matrix(stat, "stat")
-        key = _require_key(key, "RandomWeighting")
+        key = require_key(key, "RandomWeighting")
         return random_weights(random_normals(key, stat.shape[0], stat.dtype))
 
 

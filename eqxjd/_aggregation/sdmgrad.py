@@ -6,10 +6,16 @@ import jax.lax as lax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, PRNGKeyArray
 
+from .._checks import (
+    check_gramian,
+    check_length,
+    check_range,
+    check_scalar,
+    check_state_shape,
+)
 from .._custom_types import ScalarLike, State
-from .._misc import as_vector, check_gramian, check_length, project_onto_simplex
+from .._misc import as_vector, project_onto_simplex
 from .._weighting import AbstractStatefulWeighting
-from .modern_common import check_range, check_scalar, check_state_shape
 
 
 _HIGHEST = lax.Precision.HIGHEST

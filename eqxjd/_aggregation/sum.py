@@ -2,7 +2,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float, PRNGKeyArray
 
 from .._aggregator import AbstractWeightedAggregator
-from .._misc import check_matrix
+from .._checks import check_matrix
 from .._weighting import AbstractWeighting
 
 

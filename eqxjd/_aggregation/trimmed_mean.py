@@ -3,7 +3,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float, PRNGKeyArray
 
 from .._aggregator import AbstractAggregator
-from .._misc import check_matrix
+from .._checks import check_matrix
 
 
 class TrimmedMean(AbstractAggregator):

@@ -2,13 +2,13 @@ import abc
 from collections.abc import Sequence
 
 import equinox as eqx
-import jax
 import jax.lax as lax
 import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, ArrayLike, Float, PRNGKeyArray, Shaped
 
-from .._custom_types import ScalarLike, State
+from .._checks import check_floating
+from .._custom_types import State
 
 
 class AbstractScalarizer(eqx.Module):
@@ -107,15 +107,6 @@ class AbstractStatefulScalarizer(eqx.Module):
 # Private helpers shared by the scalarizers.
 
 
-def check_losses(losses: Shaped[Array, "..."]) -> None:
-    """Raises a `ValueError` unless `losses` is a floating array (static check)."""
-    if not jnp.issubdtype(jnp.result_type(losses), jnp.inexact):
-        raise ValueError(
-            f"`losses` must have a floating dtype; got {jnp.result_type(losses)}. "
-            "Convert it with `.astype(jnp.float32)` or `.astype(jnp.float64)`."
-        )
-
-
 def check_same_shape(
     array: Shaped[Array, "..."] | None, losses: Shaped[Array, "..."], name: str
 ) -> None:
@@ -146,7 +137,7 @@ def shifted_losses(
 ) -> Float[Array, "*shape"]:
     """Checks `losses` against `weights` / `reference` and returns $L - z^*$ (or $L$
     without a reference)."""
-    check_losses(losses)
+    check_floating(losses, "losses")
     check_same_shape(weights, losses, "weights")
     check_same_shape(reference, losses, "reference")
     if reference is None:
@@ -172,22 +163,6 @@ def as_shape(shape: int | Sequence[int]) -> tuple[int, ...]:
     if any(s < 0 for s in shape):
         raise ValueError(f"`shape` must have non-negative entries; got {shape}.")
     return shape
-
-
-def check_scalar(
-    value: ScalarLike, name: str, *, strictly_positive: bool = False
-) -> None:
-    """Validates a scalar hyperparameter when it is concrete (tracers are skipped)."""
-    if isinstance(value, jax.core.Tracer):
-        return
-    array = np.asarray(value)
-    if array.shape != ():
-        raise ValueError(f"`{name}` must be a scalar; got shape {array.shape}.")
-    # The same comparisons as TorchJD (so NaN passes, as there).
-    if strictly_positive and array <= 0:
-        raise ValueError(f"`{name}` must be strictly positive; got {value}.")
-    if not strictly_positive and array < 0:
-        raise ValueError(f"`{name}` must be non-negative; got {value}.")
 
 
 def constant(value: ArrayLike, dtype: jnp.dtype) -> Array:

@@ -2,13 +2,8 @@ import equinox as eqx
 import jax.numpy as jnp
 from jaxtyping import Array, Float, PRNGKeyArray
 
-from .base import (
-    AbstractScalarizer,
-    as_float_array,
-    check_losses,
-    check_same_shape,
-    constant,
-)
+from .._checks import check_floating
+from .base import AbstractScalarizer, as_float_array, check_same_shape, constant
 
 
 class Constant(AbstractScalarizer):
@@ -24,7 +19,7 @@ class Constant(AbstractScalarizer):
     def __call__(
         self, losses: Float[Array, "*shape"], /, *, key: PRNGKeyArray | None = None
     ) -> Float[Array, ""]:
-        check_losses(losses)
+        check_floating(losses, "losses")
         check_same_shape(self.weights, losses, "weights")
         return jnp.sum(constant(self.weights, losses.dtype) * losses)
 

@@ -2,15 +2,9 @@ import equinox as eqx
 import jax.numpy as jnp
 from jaxtyping import Array, Float, PRNGKeyArray
 
+from .._checks import check_floating, check_nonnegative
 from .._custom_types import ScalarLike
-from .base import (
-    AbstractScalarizer,
-    as_float_array,
-    check_losses,
-    check_same_shape,
-    check_scalar,
-    constant,
-)
+from .base import AbstractScalarizer, as_float_array, check_same_shape, constant
 
 
 _COSINE_EPS = 1e-8
@@ -39,12 +33,12 @@ class COSMOS(AbstractScalarizer):
     weights: Float[Array, "*shape"] = eqx.field(converter=as_float_array)
 
     def __check_init__(self):
-        check_scalar(self.lambda_, "lambda_")
+        check_nonnegative(self.lambda_, "lambda_")
 
     def __call__(
         self, losses: Float[Array, "*shape"], /, *, key: PRNGKeyArray | None = None
     ) -> Float[Array, ""]:
-        check_losses(losses)
+        check_floating(losses, "losses")
         check_same_shape(self.weights, losses, "weights")
         r = constant(self.weights, losses.dtype).reshape(-1)
         flat = losses.reshape(-1)

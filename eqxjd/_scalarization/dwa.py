@@ -4,8 +4,9 @@ import jax.nn as jnn
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int, PRNGKeyArray
 
+from .._checks import check_floating, check_positive
 from .._custom_types import ScalarLike, State
-from .base import AbstractStatefulScalarizer, check_losses, check_scalar, constant
+from .base import AbstractStatefulScalarizer, constant
 
 
 class _DWAState(eqx.Module):
@@ -69,7 +70,7 @@ class DWA(AbstractStatefulScalarizer):
     temperature: ScalarLike = 2.0
 
     def __check_init__(self):
-        check_scalar(self.temperature, "temperature", strictly_positive=True)
+        check_positive(self.temperature, "temperature")
 
     def init(self, losses: Float[Array, "*shape"], /) -> State:
         """**Arguments:**
@@ -80,7 +81,7 @@ class DWA(AbstractStatefulScalarizer):
 
         The initial state: no batch recorded, no epoch average.
         """
-        check_losses(losses)
+        check_floating(losses, "losses")
         zero = jnp.zeros(losses.shape, losses.dtype)
         return _DWAState(
             loss_sum=zero,
@@ -102,7 +103,7 @@ class DWA(AbstractStatefulScalarizer):
         The weights $\lambda$ (shape of `losses`): $1$ before two epoch averages exist,
         else $K \operatorname{softmax}(r / T)$.
         """
-        check_losses(losses)
+        check_floating(losses, "losses")
         _check_state(state, losses)
         dtype = losses.dtype
         older = state.averages[0].astype(dtype)
@@ -148,7 +149,7 @@ class DWA(AbstractStatefulScalarizer):
 
         The new state.
         """
-        check_losses(losses)
+        check_floating(losses, "losses")
         _check_state(state, losses)
         batch = lax.stop_gradient(losses).astype(state.loss_sum.dtype)
         return _DWAState(

@@ -8,15 +8,9 @@ import jax.nn as jnn
 import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, Float, Int, PRNGKeyArray
 
+from .._checks import check_floating, check_nonnegative
 from .._custom_types import ScalarLike, State
-from .base import (
-    AbstractStatefulScalarizer,
-    as_float_array,
-    as_shape,
-    check_losses,
-    check_scalar,
-    constant,
-)
+from .base import AbstractStatefulScalarizer, as_float_array, as_shape, constant
 
 
 _EPSILON = 1e-8
@@ -129,11 +123,11 @@ class FAMO(AbstractStatefulScalarizer):
         self.weight_decay = weight_decay
 
     def __check_init__(self):
-        check_scalar(self.lr, "lr")
-        check_scalar(self.weight_decay, "weight_decay")
+        check_nonnegative(self.lr, "lr")
+        check_nonnegative(self.weight_decay, "weight_decay")
 
     def _check(self, losses: Array, name: str = "losses") -> None:
-        check_losses(losses)
+        check_floating(losses, "losses")
         if losses.shape != self.shape:
             raise ValueError(
                 f"`{name}` must have shape {self.shape} (the `shape` given to FAMO); "

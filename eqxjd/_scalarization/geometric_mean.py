@@ -2,7 +2,8 @@ import equinox as eqx
 import jax.numpy as jnp
 from jaxtyping import Array, Float, PRNGKeyArray
 
-from .base import AbstractScalarizer, check_losses
+from .._checks import check_floating
+from .base import AbstractScalarizer
 
 
 class GeometricMean(AbstractScalarizer):
@@ -23,7 +24,7 @@ class GeometricMean(AbstractScalarizer):
     def __call__(
         self, losses: Float[Array, "*shape"], /, *, key: PRNGKeyArray | None = None
     ) -> Float[Array, ""]:
-        check_losses(losses)
+        check_floating(losses, "losses")
         losses = eqx.error_if(
             losses,
             jnp.any(losses < 0),

@@ -3,7 +3,8 @@ from collections.abc import Sequence
 import jax.numpy as jnp
 from jaxtyping import Array, Float, PRNGKeyArray
 
-from .base import AbstractScalarizer, as_shape, check_losses, check_same_shape
+from .._checks import check_floating
+from .base import AbstractScalarizer, as_shape, check_same_shape
 
 
 class IMTLL(AbstractScalarizer):
@@ -49,7 +50,7 @@ class IMTLL(AbstractScalarizer):
     def __call__(
         self, losses: Float[Array, "*shape"], /, *, key: PRNGKeyArray | None = None
     ) -> Float[Array, ""]:
-        check_losses(losses)
+        check_floating(losses, "losses")
         check_same_shape(self.log_scale, losses, "log_scale")
         s = self.log_scale.astype(losses.dtype)
         return jnp.sum(jnp.exp(s) * losses - s)

@@ -2,11 +2,11 @@ import equinox as eqx
 import jax.numpy as jnp
 from jaxtyping import Array, Float, PRNGKeyArray
 
+from .._checks import check_nonnegative
 from .._custom_types import ScalarLike
 from .base import (
     AbstractScalarizer,
     as_float_array,
-    check_scalar,
     check_weights_and_reference,
     constant,
     shifted_losses,
@@ -39,7 +39,7 @@ class PBI(AbstractScalarizer):
     )
 
     def __check_init__(self):
-        check_scalar(self.theta, "theta")
+        check_nonnegative(self.theta, "theta")
         check_weights_and_reference(self.weights, self.reference)
 
     def __call__(

@@ -4,7 +4,8 @@ import jax.numpy as jnp
 import jax.random as jr
 from jaxtyping import Array, Float, PRNGKeyArray
 
-from .base import AbstractScalarizer, check_losses
+from .._checks import check_floating
+from .base import AbstractScalarizer
 
 
 def scalarize_with_normals(
@@ -12,7 +13,7 @@ def scalarize_with_normals(
 ) -> Float[Array, ""]:
     """The deterministic core of [`eqxjd.scalarization.Random`][]: the draws
     $z \\sim \\mathcal N(0, I)$ (one per entry of `losses`, flattened) are injected."""
-    check_losses(losses)
+    check_floating(losses, "losses")
     if normals.shape != (losses.size,):
         raise ValueError(
             f"`normals` must have shape ({losses.size},) (one draw per loss); "
@@ -45,7 +46,7 @@ class Random(AbstractScalarizer):
     def __call__(
         self, losses: Float[Array, "*shape"], /, *, key: PRNGKeyArray | None = None
     ) -> Float[Array, ""]:
-        check_losses(losses)
+        check_floating(losses, "losses")
         if key is None:
             raise ValueError(
                 "`Random` draws random weights: pass a key, e.g. "

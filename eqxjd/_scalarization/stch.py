@@ -3,11 +3,11 @@ import jax.lax as lax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, PRNGKeyArray
 
+from .._checks import check_positive
 from .._custom_types import ScalarLike
 from .base import (
     AbstractScalarizer,
     as_float_array,
-    check_scalar,
     check_weights_and_reference,
     constant,
     shifted_losses,
@@ -37,7 +37,7 @@ class STCH(AbstractScalarizer):
     )
 
     def __check_init__(self):
-        check_scalar(self.mu, "mu", strictly_positive=True)
+        check_positive(self.mu, "mu")
         check_weights_and_reference(self.weights, self.reference)
 
     def __call__(

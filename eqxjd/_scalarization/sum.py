@@ -1,7 +1,8 @@
 import jax.numpy as jnp
 from jaxtyping import Array, Float, PRNGKeyArray
 
-from .base import AbstractScalarizer, check_losses
+from .._checks import check_floating
+from .base import AbstractScalarizer
 
 
 class Sum(AbstractScalarizer):
@@ -10,7 +11,7 @@ class Sum(AbstractScalarizer):
     def __call__(
         self, losses: Float[Array, "*shape"], /, *, key: PRNGKeyArray | None = None
     ) -> Float[Array, ""]:
-        check_losses(losses)
+        check_floating(losses, "losses")
         return jnp.sum(losses)
 
 

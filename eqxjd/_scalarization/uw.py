@@ -3,7 +3,8 @@ from collections.abc import Sequence
 import jax.numpy as jnp
 from jaxtyping import Array, Float, PRNGKeyArray
 
-from .base import AbstractScalarizer, as_shape, check_losses, check_same_shape
+from .._checks import check_floating
+from .base import AbstractScalarizer, as_shape, check_same_shape
 
 
 class UW(AbstractScalarizer):
@@ -66,7 +67,7 @@ class UW(AbstractScalarizer):
     def __call__(
         self, losses: Float[Array, "*shape"], /, *, key: PRNGKeyArray | None = None
     ) -> Float[Array, ""]:
-        check_losses(losses)
+        check_floating(losses, "losses")
         check_same_shape(self.log_var, losses, "log_var")
         s = self.log_var.astype(losses.dtype)
         half = jnp.asarray(0.5, losses.dtype)

@@ -1,0 +1,153 @@
+"""Validation of user input, in one place. Everything here raises `ValueError` with a
+message that says what to do; checks on values run only when the values are concrete
+(a module built inside `jit` is not checked)."""
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jaxtyping import Array, PRNGKeyArray, Shaped
+
+from ._custom_types import ScalarLike
+
+
+def concrete(value: Any) -> np.ndarray | None:
+    """`value` as a NumPy array if it is concrete (not traced), else `None`."""
+    if isinstance(value, jax.core.Tracer):
+        return None
+    try:
+        return np.asarray(value)
+    except Exception:  # pragma: no cover - exotic array types
+        return None
+
+
+def check_floating(array: Any, name: str) -> None:
+    """A real floating dtype: complex and integer input are rejected."""
+    dtype = jnp.result_type(array)
+    if not jnp.issubdtype(dtype, jnp.floating):
+        raise ValueError(
+            f"`{name}` must have a real floating dtype; got {dtype}. Convert it with "
+            "`.astype(jnp.float32)` or `.astype(jnp.float64)`."
+        )
+
+
+def check_matrix(matrix: Shaped[Array, "..."], name: str = "jacobian") -> None:
+    """Raises a `ValueError` unless `matrix` is a 2-D real floating array."""
+    shape = jnp.shape(matrix)
+    if len(shape) != 2:
+        raise ValueError(
+            f"`{name}` must be a matrix of shape (m, n); got an array of shape {shape}."
+        )
+    check_floating(matrix, name)
+
+
+def check_gramian(gramian: Shaped[Array, "..."]) -> None:
+    """Raises a `ValueError` unless `gramian` is a square real floating matrix."""
+    check_matrix(gramian, "gramian")
+    m, k = jnp.shape(gramian)
+    if m != k:
+        raise ValueError(f"`gramian` must be square; got shape {jnp.shape(gramian)}.")
+
+
+def check_length(vector: Shaped[Array, " k"], m: int, name: str) -> None:
+    """Raises a `ValueError` if `vector` does not have one entry per objective."""
+    if vector.shape[0] != m:
+        raise ValueError(
+            f"`{name}` has {vector.shape[0]} entries but there are {m} objectives "
+            "(rows of the Jacobian)."
+        )
+
+
+def check_scalar(value: Any, name: str) -> None:
+    """Raises a `ValueError` unless `value` is a scalar (0-d)."""
+    if jnp.ndim(value) != 0:
+        raise ValueError(
+            f"`{name}` must be a scalar; got an array of shape {jnp.shape(value)}."
+        )
+
+
+def check_range(
+    value: Any,
+    name: str,
+    low: float | None = None,
+    high: float | None = None,
+    *,
+    low_open: bool = False,
+    high_open: bool = False,
+) -> None:
+    """Raises a `ValueError` unless every entry of a concrete `value` lies in the range
+    (NaN never does)."""
+    array = concrete(value)
+    if array is None:
+        return
+    lo = "(" if low_open else "["
+    hi = ")" if high_open else "]"
+    interval = (
+        f"{lo}{'-inf' if low is None else low}, {'inf' if high is None else high}{hi}"
+    )
+    ok = not np.any(np.isnan(array.astype(float)))
+    if low is not None:
+        ok = ok and bool(np.all(array > low) if low_open else np.all(array >= low))
+    if high is not None:
+        ok = ok and bool(np.all(array < high) if high_open else np.all(array <= high))
+    if not ok:
+        raise ValueError(f"`{name}` must be in {interval}; got {name}={value!r}.")
+
+
+def check_nonnegative(value: ScalarLike, name: str) -> None:
+    """A non-negative scalar hyperparameter (checked when concrete)."""
+    check_scalar(value, name)
+    check_range(value, name, 0.0)
+
+
+def check_positive(value: ScalarLike, name: str) -> None:
+    """A strictly positive scalar hyperparameter (checked when concrete)."""
+    check_scalar(value, name)
+    check_range(value, name, 0.0, low_open=True)
+
+
+def check_state_shape(actual: tuple, expected: tuple, method: str) -> None:
+    """Raises a `ValueError` when a state was built for another number of objectives."""
+    if tuple(actual) != tuple(expected):
+        raise ValueError(
+            f"This `{method}` state was built for shape {tuple(actual)} but the input "
+            f"needs {tuple(expected)} (the number of objectives or parameters "
+            "changed). Build a fresh state with `init` (this is also how to reset it)."
+        )
+
+
+def require_key(key: PRNGKeyArray | None, name: str) -> PRNGKeyArray:
+    """The key of a random method, which must be given."""
+    if key is None:
+        raise ValueError(
+            f"`{name}` is random: pass a JAX PRNG key, e.g. `key=jax.random.key(0)` "
+            "(split it between calls)."
+        )
+    return key
+
+
+def check_chunk_size(chunk_size: int | None) -> None:
+    """`None` (everything at once) or a positive int (a static loop bound)."""
+    if chunk_size is not None and (
+        isinstance(chunk_size, bool)
+        or not isinstance(chunk_size, int)
+        or chunk_size < 1
+    ):
+        raise ValueError(
+            f"`chunk_size` must be None (all rows at once) or a positive int; got "
+            f"{chunk_size!r}."
+        )
+
+
+def check_losses(losses: Any, where: str) -> None:
+    """What a loss function returns: a real floating JAX array."""
+    if not (hasattr(losses, "shape") and hasattr(losses, "dtype")):
+        raise ValueError(
+            f"{where} must return a JAX array of losses; got {type(losses).__name__}. "
+            "Stack several losses with `jnp.stack`."
+        )
+    if not jnp.issubdtype(losses.dtype, jnp.floating):
+        raise ValueError(
+            f"{where} must return real floating losses; got {losses.dtype}."
+        )

@@ -1,0 +1,15 @@
+from .common import (
+    batch_size as batch_size,
+    block as block,
+    FilterSpec as FilterSpec,
+    flat_rows as flat_rows,
+    split_params as split_params,
+    symmetrize as symmetrize,
+)
+from .generic import generic_gramian as generic_gramian
+from .per_sample import (
+    batched_losses as batched_losses,
+    independence_check as independence_check,
+    per_sample_gramian as per_sample_gramian,
+    per_sample_vector_fn as per_sample_vector_fn,
+)
