@@ -44,52 +44,46 @@ from ._aggregation import (
 )
 from ._aggregator import (
     AbstractAggregator as AbstractAggregator,
-    AbstractGramianWeightedAggregator as AbstractGramianWeightedAggregator,
     AbstractStatefulAggregator as AbstractStatefulAggregator,
-    AbstractStatefulGramianWeightedAggregator as AbstractStatefulGramianWeightedAggregator,  # noqa: E501
     AbstractStatefulWeightedAggregator as AbstractStatefulWeightedAggregator,
     AbstractWeightedAggregator as AbstractWeightedAggregator,
-    GramianWeightedAggregator as GramianWeightedAggregator,
-    StatefulGramianWeightedAggregator as StatefulGramianWeightedAggregator,
     StatefulWeightedAggregator as StatefulWeightedAggregator,
     WeightedAggregator as WeightedAggregator,
-)
-from ._autogram import (
-    gramian_value_and_update as gramian_value_and_update,
-    GramianUpdate as GramianUpdate,
-    per_sample_value_and_gramian as per_sample_value_and_gramian,
-    value_and_gramian as value_and_gramian,
-)
-from ._autojac import (
-    filter_jac as filter_jac,
-    filter_mtl_value_and_aggregate as filter_mtl_value_and_aggregate,
-    filter_mtl_value_and_jac as filter_mtl_value_and_jac,
-    filter_value_and_aggregate as filter_value_and_aggregate,
-    filter_value_and_jac as filter_value_and_jac,
-    Grouped as Grouped,
-    init_state as init_state,
-    jac_to_grad as jac_to_grad,
 )
 from ._dual_cone import (
     kkt_residual as kkt_residual,
     project_onto_dual_cone as project_onto_dual_cone,
 )
-from ._misc import gramian as gramian
+from ._jacobian import (
+    filter_jac as filter_jac,
+    filter_value_and_jac as filter_value_and_jac,
+)
+from ._mtl import (
+    filter_mtl_value_and_aggregate as filter_mtl_value_and_aggregate,
+    filter_mtl_value_and_jac as filter_mtl_value_and_jac,
+)
 from ._optax import as_optax as as_optax, AsOptaxState as AsOptaxState
-from ._pytree import (
-    aggregate as aggregate,
-    tree_gramian as tree_gramian,
-)
 from ._results import RESULTS as RESULTS
-from ._sharding import (
-    data_parallel_value_and_update as data_parallel_value_and_update,
-    sharded_gramian as sharded_gramian,
-)
+from ._sharding import DataParallel as DataParallel, sharded_gramian as sharded_gramian
 from ._solver import (
     AbstractQPSolver as AbstractQPSolver,
     BPP as BPP,
     NesterovPGD as NesterovPGD,
     QPax as QPax,
+)
+from ._step import (
+    AbstractStrategy as AbstractStrategy,
+    filter_value_and_aggregate as filter_value_and_aggregate,
+    filter_value_and_gramian as filter_value_and_gramian,
+    FullJacobian as FullJacobian,
+    Gramian as Gramian,
+    PerSampleGramian as PerSampleGramian,
+)
+from ._tree import (
+    aggregate as aggregate,
+    Aggregated as Aggregated,
+    Grouped as Grouped,
+    tree_gramian as tree_gramian,
 )
 from ._weighting import (
     AbstractStatefulWeighting as AbstractStatefulWeighting,
@@ -97,9 +91,4 @@ from ._weighting import (
 )
 
 
-__all__ = sorted(
-    name
-    for name in dir()
-    if not name.startswith("_") and name not in {"importlib", "annotations"}
-)
 __version__ = importlib.metadata.version("eqxjd")

@@ -3,12 +3,12 @@ import abc
 import equinox as eqx
 import jax.lax as lax
 import jax.numpy as jnp
-from jaxtyping import Array, Float, PRNGKeyArray
+from jaxtyping import Array, Float, PRNGKeyArray, PyTree
 
-from ._checks import check_matrix
+from ._checks import check_matrix, jacobian_shape
 from ._custom_types import State
 from ._misc import combine, gramian
-from ._weighting import AbstractStatefulWeighting, AbstractWeighting
+from ._weighting import AbstractStatefulWeighting, AbstractWeighting, AnyWeighting
 
 
 class AbstractAggregator(eqx.Module):
@@ -20,16 +20,16 @@ class AbstractAggregator(eqx.Module):
 
     **Conventions shared by every aggregator:**
 
-    - The Jacobian is positional-only and must be a floating matrix of shape `(m, n)`;
-      anything else raises `ValueError` at trace time. One Jacobian per call: batch with
-      `eqx.filter_vmap`, compile with `eqx.filter_jit`.
+    - The Jacobian is positional-only and must be a real floating matrix of shape
+      `(m, n)`; anything else raises `ValueError` at trace time. One Jacobian per call:
+      batch with `eqx.filter_vmap`, compile with `eqx.filter_jit`.
     - Randomness only through the keyword-only `key`: deterministic aggregators ignore
       it, random ones (e.g. [`eqxjd.PCGrad`][]) raise `ValueError` without it.
     - Stateless aggregators derive from this class (`d = aggregator(jacobian)`);
       stateful ones from [`eqxjd.AbstractStatefulAggregator`][].
-    - `m = 0` gives `zeros(n)`; `n = 0` gives an empty vector; non-finite input gives
-      NaN output (documented per method).
-    - Output dtype = input dtype.
+    - `m = 0` gives `zeros(n)`; `n = 0` gives an empty vector. Output dtype = input
+      dtype. See the reliability page for non-finite input, extreme scales and half
+      precision.
     """
 
     @abc.abstractmethod
@@ -56,16 +56,17 @@ class AbstractStatefulAggregator(eqx.Module):
     aggregation, state = aggregator(jacobian, state, key=key)
     ```
 
-    `init` reads only the shape and dtype of the Jacobian; the state keeps a fixed tree
-    structure, so jitted loops do not retrace. Reset by calling `init` again.
+    `init` reads only the shape and dtype of the Jacobian (a matrix, or a Jacobian
+    pytree as given to [`eqxjd.aggregate`][]); the state keeps a fixed tree structure,
+    so jitted loops do not retrace. Reset by calling `init` again.
     """
 
     @abc.abstractmethod
-    def init(self, jacobian: Float[Array, "m n"], /) -> State:
+    def init(self, jacobian: PyTree[Float[Array, "m ..."]], /) -> State:
         """**Arguments:**
 
-        - `jacobian`: an example Jacobian of shape `(m, n)` (only its shape and dtype
-            are read).
+        - `jacobian`: an example Jacobian, a matrix of shape `(m, n)` or a pytree
+            whose leaves have a leading axis `m` (only shapes and dtypes are read).
 
         **Returns:**
 
@@ -93,30 +94,46 @@ class AbstractStatefulAggregator(eqx.Module):
         """
 
 
+def statistic(weighting: AnyWeighting, jacobian: Float[Array, "m n"]) -> Array:
+    """What `weighting` reads of `jacobian`: its Gramian, the matrix itself, or only
+    its number of rows (an `(m, 0)` matrix, free to build)."""
+    if weighting.reads == "gramian":
+        return gramian(jacobian)
+    if weighting.reads == "rows":
+        return jnp.zeros((jacobian.shape[0], 0), jacobian.dtype)
+    return jacobian
+
+
+def example_statistic(weighting: AnyWeighting, jacobian: PyTree[Array]) -> Array:
+    """A zero statistic with the shape and dtype that `weighting` reads of a Jacobian
+    matrix or pytree (for `init`)."""
+    if eqx.is_array(jacobian):
+        check_matrix(jacobian)
+    m, n, dtype = jacobian_shape(jacobian)
+    shape = {"gramian": (m, m), "rows": (m, 0), "matrix": (m, n)}[weighting.reads]
+    return jnp.zeros(shape, dtype)
+
+
 def weighted_combination(
-    weighting: AbstractWeighting | AbstractStatefulWeighting,
-    weights: Float[Array, " m"],
-    jacobian: Float[Array, "m n"],
+    weighting: AnyWeighting, weights: Float[Array, " m"], jacobian: Float[Array, "m n"]
 ) -> Float[Array, " n"]:
     out = combine(weights.astype(jacobian.dtype), jacobian)
     return out if weighting.differentiable else lax.stop_gradient(out)
 
 
 @eqx.filter_jit
-def _weigh(weighting, stat, *state, key):
+def call_weighting(weighting, stat, *state, key):
     # Jitted (inlined under an outer jit) so that eager calls of iterative weightings do
     # not re-trace and re-compile their loops on every call.
     return weighting(stat, *state, key=key)
 
 
-def _empty_gramian(jacobian: Float[Array, "m n"]) -> Float[Array, "m m"]:
-    m = jacobian.shape[0]
-    return jnp.zeros((m, m), jacobian.dtype)
-
-
 class AbstractWeightedAggregator(AbstractAggregator):
-    r"""An aggregator $A(J) = w(J)^\top J$ whose weighting reads the Jacobian itself.
+    r"""An aggregator $A(J) = w^\top J$ whose weights $w$ come from a weighting.
 
+    The weighting reads the Gramian $J J^\top$, the Jacobian, or only the number of
+    rows (its `reads`); Gramian weightings are what lets eqxjd aggregate pytree
+    Jacobians without concatenating them and compute updates without forming $J$.
     Subclasses provide the field `weighting`.
     """
 
@@ -127,49 +144,24 @@ class AbstractWeightedAggregator(AbstractAggregator):
     ) -> Float[Array, " m"]:
         """The weights $w$ that the aggregation uses, shape `(m,)`."""
         check_matrix(jacobian)
-        return _weigh(self.weighting, jacobian, key=key)
-
-    def __call__(
-        self, jacobian: Float[Array, "m n"], /, *, key: PRNGKeyArray | None = None
-    ) -> Float[Array, " n"]:
-        return weighted_combination(
-            self.weighting, self.weights(jacobian, key=key), jacobian
+        return call_weighting(
+            self.weighting, statistic(self.weighting, jacobian), key=key
         )
-
-
-class AbstractGramianWeightedAggregator(AbstractAggregator):
-    r"""An aggregator $A(J) = w(J J^\top)^\top J$ whose weights depend on $J$ only
-    through its Gramian.
-
-    This is what lets eqxjd aggregate pytree Jacobians without concatenating them (the
-    Gramian is a sum of per-leaf Gramians) and compute updates without ever forming $J$.
-    Subclasses provide the field `gramian_weighting`.
-    """
-
-    gramian_weighting: eqx.AbstractVar[AbstractWeighting]
-
-    def weights(
-        self, jacobian: Float[Array, "m n"], /, *, key: PRNGKeyArray | None = None
-    ) -> Float[Array, " m"]:
-        """The weights $w$ that the aggregation uses, shape `(m,)`."""
-        check_matrix(jacobian)
-        return _weigh(self.gramian_weighting, gramian(jacobian), key=key)
 
     def __call__(
         self, jacobian: Float[Array, "m n"], /, *, key: PRNGKeyArray | None = None
     ) -> Float[Array, " n"]:
         weights = self.weights(jacobian, key=key)
-        return weighted_combination(self.gramian_weighting, weights, jacobian)
+        return weighted_combination(self.weighting, weights, jacobian)
 
 
 class AbstractStatefulWeightedAggregator(AbstractStatefulAggregator):
-    """A stateful $A(J) = w(J)^\\top J$: the state is the weighting's state."""
+    r"""A stateful $A(J) = w^\top J$: the state is the weighting's state."""
 
     weighting: eqx.AbstractVar[AbstractStatefulWeighting]
 
-    def init(self, jacobian: Float[Array, "m n"], /) -> State:
-        check_matrix(jacobian)
-        return self.weighting.init(jacobian)
+    def init(self, jacobian: PyTree[Float[Array, "m ..."]], /) -> State:
+        return self.weighting.init(example_statistic(self.weighting, jacobian))
 
     def weights(
         self,
@@ -181,7 +173,8 @@ class AbstractStatefulWeightedAggregator(AbstractStatefulAggregator):
     ) -> tuple[Float[Array, " m"], State]:
         """The weights (shape `(m,)`) and the new state."""
         check_matrix(jacobian)
-        return _weigh(self.weighting, jacobian, state, key=key)
+        stat = statistic(self.weighting, jacobian)
+        return call_weighting(self.weighting, stat, state, key=key)
 
     def __call__(
         self,
@@ -195,82 +188,26 @@ class AbstractStatefulWeightedAggregator(AbstractStatefulAggregator):
         return weighted_combination(self.weighting, weights, jacobian), state
 
 
-class AbstractStatefulGramianWeightedAggregator(AbstractStatefulAggregator):
-    """A stateful $A(J) = w(J J^\\top)^\\top J$: the state is the weighting's state."""
-
-    gramian_weighting: eqx.AbstractVar[AbstractStatefulWeighting]
-
-    def init(self, jacobian: Float[Array, "m n"], /) -> State:
-        check_matrix(jacobian)
-        return self.gramian_weighting.init(_empty_gramian(jacobian))
-
-    def weights(
-        self,
-        jacobian: Float[Array, "m n"],
-        state: State,
-        /,
-        *,
-        key: PRNGKeyArray | None = None,
-    ) -> tuple[Float[Array, " m"], State]:
-        """The weights (shape `(m,)`) and the new state."""
-        check_matrix(jacobian)
-        return _weigh(self.gramian_weighting, gramian(jacobian), state, key=key)
-
-    def __call__(
-        self,
-        jacobian: Float[Array, "m n"],
-        state: State,
-        /,
-        *,
-        key: PRNGKeyArray | None = None,
-    ) -> tuple[Float[Array, " n"], State]:
-        weights, state = self.weights(jacobian, state, key=key)
-        return weighted_combination(self.gramian_weighting, weights, jacobian), state
-
-
 class WeightedAggregator(AbstractWeightedAggregator):
-    """Wraps any weighting that reads the Jacobian: $A(J) = w(J)^\\top J$."""
+    """Wraps any weighting: $A(J) = w^\\top J$, with $w$ computed from what the
+    weighting reads (TorchJD's `WeightedAggregator` and `GramianWeightedAggregator`)."""
 
     weighting: AbstractWeighting
 
 
 WeightedAggregator.__init__.__doc__ = """**Arguments:**
 
-- `weighting`: an [`eqxjd.AbstractWeighting`][] that accepts a Jacobian `(m, n)`.
-"""
-
-
-class GramianWeightedAggregator(AbstractGramianWeightedAggregator):
-    """Wraps any Gramian weighting: $A(J) = w(J J^\\top)^\\top J$."""
-
-    gramian_weighting: AbstractWeighting
-
-
-GramianWeightedAggregator.__init__.__doc__ = """**Arguments:**
-
-- `gramian_weighting`: an [`eqxjd.AbstractWeighting`][] that accepts a Gramian `(m, m)`.
+- `weighting`: any [`eqxjd.AbstractWeighting`][].
 """
 
 
 class StatefulWeightedAggregator(AbstractStatefulWeightedAggregator):
-    """Wraps a stateful weighting that reads the Jacobian."""
+    """Wraps any stateful weighting (e.g. [`eqxjd.CRMOGMWeighting`][])."""
 
     weighting: AbstractStatefulWeighting
 
 
 StatefulWeightedAggregator.__init__.__doc__ = """**Arguments:**
 
-- `weighting`: an [`eqxjd.AbstractStatefulWeighting`][] accepting a Jacobian `(m, n)`.
-"""
-
-
-class StatefulGramianWeightedAggregator(AbstractStatefulGramianWeightedAggregator):
-    """Wraps a stateful Gramian weighting (e.g. [`eqxjd.CRMOGMWeighting`][])."""
-
-    gramian_weighting: AbstractStatefulWeighting
-
-
-StatefulGramianWeightedAggregator.__init__.__doc__ = """**Arguments:**
-
-- `gramian_weighting`: an [`eqxjd.AbstractStatefulWeighting`][] accepting a Gramian.
+- `weighting`: any [`eqxjd.AbstractStatefulWeighting`][].
 """

@@ -2,12 +2,14 @@
 message that says what to do; checks on values run only when the values are concrete
 (a module built inside `jit` is not checked)."""
 
+import math
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import jax.tree_util as jtu
 import numpy as np
-from jaxtyping import Array, PRNGKeyArray, Shaped
+from jaxtyping import Array, PRNGKeyArray, PyTree, Shaped
 
 from ._custom_types import ScalarLike
 
@@ -151,3 +153,32 @@ def check_losses(losses: Any, where: str) -> None:
         raise ValueError(
             f"{where} must return real floating losses; got {losses.dtype}."
         )
+
+
+def check_jacobian_tree(jacobians: PyTree[Array]) -> tuple[list[Array], Any, int]:
+    """Flattens a Jacobian pytree and checks that every leaf is a floating array with a
+    common leading axis `m` (the objectives)."""
+    leaves, treedef = jtu.tree_flatten(jacobians)
+    if not leaves:
+        raise ValueError("The Jacobian pytree has no array leaves.")
+    for leaf in leaves:
+        if not hasattr(leaf, "shape") or jnp.ndim(leaf) < 1:
+            raise ValueError(
+                "Every leaf of a Jacobian pytree needs a leading axis of size m (one "
+                f"row per objective); got a leaf of shape {jnp.shape(leaf)}."
+            )
+        check_floating(leaf, "jacobian")
+    sizes = {leaf.shape[0] for leaf in leaves}
+    if len(sizes) != 1:
+        raise ValueError(
+            "Every leaf of a Jacobian pytree must have the same leading size m; got "
+            f"{sorted(sizes)}."
+        )
+    return leaves, treedef, sizes.pop()
+
+
+def jacobian_shape(jacobian: PyTree[Array]) -> tuple[int, int, Any]:
+    """`(m, n, dtype)` of a Jacobian matrix or pytree: `n` counts every column."""
+    leaves, _, m = check_jacobian_tree(jacobian)
+    n = sum(math.prod(leaf.shape[1:]) for leaf in leaves)
+    return m, n, jnp.result_type(*leaves)

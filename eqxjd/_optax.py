@@ -7,15 +7,17 @@ import jax.random as jr
 import jax.tree_util as jtu
 from jaxtyping import Array, PRNGKeyArray, PyTree
 
-from ._autojac import (
-    _aggregate_any,
-    _check_aggregator,
-    _is_stateful,
-    init_state,
-    TreeAggregator,
-)
+from ._checks import check_jacobian_tree
 from ._custom_types import State
-from ._pytree import check_jacobian_tree
+from ._tree import (
+    aggregate_tree,
+    AnyAggregator,
+    check_aggregator,
+    check_state,
+    Grouped,
+    init_tree,
+    is_stateful,
+)
 
 
 class AsOptaxState(NamedTuple):
@@ -76,7 +78,7 @@ def _check_against_params(updates: PyTree[Array], params: PyTree) -> None:
 
 
 def as_optax(
-    aggregator: TreeAggregator,
+    aggregator: AnyAggregator | Grouped,
     *,
     m: int | None = None,
     key: PRNGKeyArray | None = None,
@@ -117,8 +119,8 @@ def as_optax(
     [`eqxjd.AsOptaxState`][].
     """
     optax = _import_optax()
-    _check_aggregator(aggregator)
-    stateful = _is_stateful(aggregator)
+    check_aggregator(aggregator)
+    stateful = is_stateful(aggregator)
     if m is not None and (isinstance(m, bool) or not isinstance(m, int) or m < 1):
         raise ValueError(f"`m` must be a positive int; got {m!r}.")
     if stateful and m is None:
@@ -137,7 +139,7 @@ def as_optax(
             @jax.jit
             def make(p):
                 zeros = jtu.tree_map(lambda x: jnp.zeros((m,) + x.shape, x.dtype), p)
-                return init_state(aggregator, zeros)
+                return init_tree(aggregator, zeros)
 
             agg_state = make(trainable)
         return AsOptaxState(agg_state, key)
@@ -153,13 +155,11 @@ def as_optax(
             _check_against_params(updates, params)
         new_key, step_key = (None, None) if state.key is None else jr.split(state.key)
         try:
-            update, _, agg_state = _aggregate_any(
-                aggregator,
-                updates,
-                state.aggregator_state,
-                step_key,
-                "aggregator_state",
-                "`init` (pass `m=` to `as_optax`)",
+            check_state(
+                aggregator, state.aggregator_state, "`init` (pass `m=` to `as_optax`)"
+            )
+            update, _, agg_state = aggregate_tree(
+                aggregator, updates, state.aggregator_state, step_key
             )
         except ValueError as e:
             if state.key is None and "key" in str(e):

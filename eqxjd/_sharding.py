@@ -5,18 +5,17 @@ Two layouts of the Jacobian $J \in \mathbb{R}^{m \times n}$:
 - **along the parameters** (columns): each device holds $J_d$, a block of columns, and
   $G = \sum_d J_d J_d^\top$ is one all-reduce ([`eqxjd.sharded_gramian`][]). Under
   `jax.jit` with sharded inputs, XLA inserts the same reduction by itself, so every
-  Gramian-based aggregator and [`eqxjd.gramian_value_and_update`][] work unchanged.
-- **along the batch** (rows, data parallel): each device computes the per-sample
-  Jacobians of its share of the batch; the blocks $J_d J_e^\top$ are formed by
-  passing the local Jacobians around a ring (`ppermute`), the row blocks of $G$ are
-  all-gathered,
-  one device computes the weights from $G$ and broadcasts them, and the update is a
-  local VJP followed by a `psum` ([`eqxjd.data_parallel_value_and_update`][]). Memory
-  per device: two local per-sample Jacobians, never the full one.
+  Gramian strategy of [`eqxjd.filter_value_and_aggregate`][] work unchanged.
+- **along the batch** (rows, data parallel, [`eqxjd.DataParallel`][]): each device
+  computes the per-sample Jacobians of its share of the batch; the blocks
+  $J_d J_e^\top$ are formed by passing the local Jacobians around a ring
+  (`ppermute`), the row blocks of $G$ are all-gathered, one device computes the
+  weights from $G$ and broadcasts them, and the update is a local VJP followed by a
+  `psum`. Memory per device: two local per-sample Jacobians, never the full one.
 """
 
 from collections.abc import Callable
-from typing import Any
+from typing import ClassVar
 
 import equinox as eqx
 import jax
@@ -24,22 +23,17 @@ import jax.lax as lax
 import jax.numpy as jnp
 import jax.tree_util as jtu
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-from jaxtyping import Array, Float, PRNGKeyArray, PyTree
+from jaxtyping import Array, Float, PyTree
 
-from ._autogram import _as_weighting, AnyGramianWeighting, GramianUpdate
 from ._checks import check_matrix
-from ._custom_types import State
 from ._gramian import (
     batch_size,
-    batched_losses,
     block,
-    FilterSpec,
     flat_rows,
     per_sample_vector_fn,
-    split_params,
     symmetrize,
 )
-from ._weighting import AbstractStatefulWeighting
+from ._step import AbstractStrategy, Linearized, weigh
 
 
 _HIGHEST = lax.Precision.HIGHEST
@@ -50,7 +44,7 @@ def _place(mesh: Mesh, tree: PyTree, spec: P) -> PyTree:
     return jtu.tree_map(lambda x: jax.device_put(x, sharding), tree)
 
 
-def _check_axis(mesh: Mesh, axis_name: str) -> int:
+def check_mesh_axis(mesh: Mesh, axis_name: str) -> int:
     if axis_name not in mesh.axis_names:
         raise ValueError(
             f"`axis_name` {axis_name!r} is not an axis of the mesh {mesh.axis_names}."
@@ -58,7 +52,7 @@ def _check_axis(mesh: Mesh, axis_name: str) -> int:
     return mesh.shape[axis_name]
 
 
-def _on_one_device(fn: Callable, mesh: Mesh, *args: PyTree) -> PyTree:
+def on_one_device(fn: Callable, mesh: Mesh, *args: PyTree) -> PyTree:
     """`fn(*args)` (replicated arguments) computed by the first device of `mesh` only
     and broadcast to all of them.
 
@@ -104,7 +98,7 @@ def sharded_gramian(
     The Gramian, shape `(m, m)`, replicated over the mesh.
     """
     check_matrix(jacobian)
-    size = _check_axis(mesh, axis_name)
+    size = check_mesh_axis(mesh, axis_name)
     if jacobian.shape[1] % size:
         raise ValueError(
             f"The {jacobian.shape[1]} columns of `jacobian` cannot be split evenly "
@@ -125,114 +119,86 @@ def sharded_gramian(
     )(jacobian)
 
 
-def data_parallel_value_and_update(
-    loss_fn: Callable[..., Array],
-    weighting: AnyGramianWeighting,
-    params: PyTree,
-    *batch: Any,
-    mesh: Mesh,
-    axis_name: str,
-    batched: bool = False,
-    filter_spec: FilterSpec = True,
-    state: State = None,
-    key: PRNGKeyArray | None = None,
-) -> GramianUpdate:
-    r"""Data-parallel instance-wise Jacobian descent: the per-sample path of
-    [`eqxjd.gramian_value_and_update`][] with the batch split over a mesh axis.
+class DataParallel(AbstractStrategy):
+    r"""[`eqxjd.PerSampleGramian`][] with the batch split over a mesh axis
+    (data-parallel instance-wise Jacobian descent).
 
-    `params` (and `state`, `key`) are replicated, the batch is split along `axis_name`.
-    Each device computes the per-sample Jacobians $J_d$ of its `B / D` samples; the
-    Gramian blocks $J_d J_e^\top$ are obtained by passing $J_e$ around a ring of the
-    `D` devices (`D` `ppermute`s), the row blocks of $G$ are all-gathered, the weights
-    are computed from $G$ by one device and broadcast (on CPU, every device running
-    the weighting's batched LAPACK calls at once can deadlock XLA's thread pool), and
-    the update is each device's VJP of $\sum_{i \in d} w_i \ell_i$ (one more local
-    forward pass), summed with a `psum`. The result
-    equals the single-device [`eqxjd.gramian_value_and_update`][] with
-    `per_sample=True`.
-
-    Call it under `jax.jit` / `eqx.filter_jit`: called eagerly, it compiles its
-    `shard_map` again on every call.
-
-    **Arguments:**
-
-    - `loss_fn`, `weighting`, `params`, `*batch`, `batched`, `filter_spec`, `state`,
-        `key`: as in [`eqxjd.gramian_value_and_update`][] with `per_sample=True`.
-    - `mesh`: a `jax.sharding.Mesh`. (Keyword only argument.)
-    - `axis_name`: the mesh axis the batch is split over; the batch size must be
-        divisible by its size. (Keyword only argument.)
-
-    **Returns:**
-
-    A [`eqxjd.GramianUpdate`][]: `losses` and `weights` sharded along the batch,
-    `updates`, `gramian` and `state` replicated.
+    The model (and the aggregator's state and key) are replicated, the positional
+    arguments are split along `axis_name`. Each device computes the per-sample
+    Jacobians $J_d$ of its `B / D` samples; the Gramian blocks $J_d J_e^\top$ are
+    obtained by passing $J_e$ around a ring of the `D` devices (`D` `ppermute`s), the
+    row blocks of $G$ are all-gathered, the weights are computed from $G$ by one
+    device and broadcast (on CPU, every device running the weighting's batched LAPACK
+    calls at once can deadlock XLA's thread pool), and the update is each device's
+    VJP of $\sum_{i \in d} w_i \ell_i$ (one more local forward pass), summed with a
+    `psum`. The result equals the single-device [`eqxjd.PerSampleGramian`][] step.
+    Call the step under `jax.jit` / `eqx.filter_jit`; `has_aux=True` is not
+    supported.
     """
-    weighting = _as_weighting(weighting)
-    stateful = isinstance(weighting, AbstractStatefulWeighting)
-    if stateful and state is None:
-        raise ValueError(
-            f"{type(weighting).__name__} is stateful: pass `state=weighting.init(G)`."
-        )
-    devices = _check_axis(mesh, axis_name)
-    size = batch_size(batch)
-    if size % devices:
-        raise ValueError(
-            f"The batch size {size} is not divisible by the {devices} devices of mesh "
-            f"axis {axis_name!r}."
-        )
-    diff, static = eqx.partition(params, eqx.is_inexact_array)
-    split_params(params, filter_spec)  # validates the filter early
 
-    local_size = size // devices
+    mesh: Mesh = eqx.field(static=True)
+    axis_name: str = eqx.field(static=True)
 
-    def local_losses(d, local_batch):
-        return batched_losses(
-            loss_fn, batched, eqx.combine(d, static), local_batch, local_size
-        )
+    # The losses' auxiliary output would need one more forward pass of the batch.
+    returns_aux: ClassVar[bool] = False
 
-    def gramian_part(diff, *local_batch):
-        model = eqx.combine(diff, static)
-        gram, rest, static_ = split_params(model, filter_spec)
-        losses = local_losses(diff, local_batch)
-        tasks = 1 if losses.ndim == 1 else losses.shape[1]
-        width = local_size * tasks
-        dtype = losses.dtype
-        vec = per_sample_vector_fn(
-            loss_fn, lax.stop_gradient(rest), static_, batched=batched
-        )
-        jac = jax.vmap(jax.jacrev(vec), in_axes=(None,) + (0,) * len(local_batch))(
-            lax.stop_gradient(gram), *local_batch
-        )
-        mine = flat_rows(jac, width)
-        index = lax.axis_index(axis_name)
-        perm = [(j, (j + 1) % devices) for j in range(devices)]
+    def __check_init__(self):
+        check_mesh_axis(self.mesh, self.axis_name)
 
-        def step(s, carry):
-            rows, visiting = carry
-            source = (index - lax.convert_element_type(s, index.dtype)) % devices
-            blk = block(mine, visiting, dtype)
-            start = (jnp.zeros((), index.dtype), source * width)
-            rows = lax.dynamic_update_slice(rows, blk, start)
-            visiting = [lax.ppermute(v, axis_name, perm) for v in visiting]
-            return rows, visiting
+    def linearize(self, f, diff, gram_spec, batch, batched_f) -> Linearized:
+        mesh, axis_name = self.mesh, self.axis_name
+        devices = check_mesh_axis(mesh, axis_name)
+        size = batch_size(batch)
+        if size % devices:
+            raise ValueError(
+                f"The batch size {size} is not divisible by the {devices} devices of "
+                f"mesh axis {axis_name!r}."
+            )
+        local_size = size // devices
+        batch_specs = tuple(jtu.tree_map(lambda _: P(axis_name), b) for b in batch)
 
-        rows = jnp.zeros((width, devices * width), dtype)
-        rows, _ = lax.fori_loop(0, devices, step, (rows, mine))
-        return losses, lax.all_gather(rows, axis_name, tiled=True)
+        def local_losses(d, local_batch):
+            losses, _ = batched_f(d, *local_batch)
+            if losses.ndim not in (1, 2) or losses.shape[0] != local_size:
+                raise ValueError(
+                    "With `DataParallel`, the losses of a batch must have shape (B,) "
+                    f"or (B, T); got {losses.shape} on a local batch of {local_size}."
+                )
+            return losses
 
-    def update_part(diff, weights, *local_batch):
-        _, vjp = jax.vjp(lambda d: local_losses(d, local_batch), diff)
-        (updates,) = vjp(weights)
-        return lax.psum(updates, axis_name)
+        def gramian_part(diff, *local_batch):
+            losses = local_losses(diff, local_batch)
+            gram, rest = eqx.partition(lax.stop_gradient(diff), gram_spec)
+            tasks = 1 if losses.ndim == 1 else losses.shape[1]
+            width = local_size * tasks
+            vec = per_sample_vector_fn(
+                lambda g, *b: batched_f(eqx.combine(g, rest), *b)[0]
+            )
+            jac = jax.vmap(jax.jacrev(vec), in_axes=(None,) + (0,) * len(local_batch))(
+                gram, *local_batch
+            )
+            mine = flat_rows(jac, width)
+            index = lax.axis_index(axis_name)
+            perm = [(j, (j + 1) % devices) for j in range(devices)]
 
-    batch_specs = tuple(jtu.tree_map(lambda _: P(axis_name), b) for b in batch)
+            def step(s, carry):
+                rows, visiting = carry
+                source = (index - lax.convert_element_type(s, index.dtype)) % devices
+                blk = block(mine, visiting, losses.dtype)
+                start = (jnp.zeros((), index.dtype), source * width)
+                rows = lax.dynamic_update_slice(rows, blk, start)
+                visiting = [lax.ppermute(v, axis_name, perm) for v in visiting]
+                return rows, visiting
 
-    def weigh(g, state, key):
-        if stateful:
-            return weighting(g, state, key=key)
-        return weighting(g, key=key), state
+            rows = jnp.zeros((width, devices * width), losses.dtype)
+            rows, _ = lax.fori_loop(0, devices, step, (rows, mine))
+            return losses, lax.all_gather(rows, axis_name, tiled=True)
 
-    def run(diff, state, key, *batch):
+        def update_part(diff, cotangent, *local_batch):
+            _, vjp = jax.vjp(lambda d: local_losses(d, local_batch), diff)
+            (updates,) = vjp(cotangent)
+            return lax.psum(updates, axis_name)
+
         losses, g = jax.shard_map(
             gramian_part,
             mesh=mesh,
@@ -240,22 +206,34 @@ def data_parallel_value_and_update(
             out_specs=(P(axis_name), P()),
             check_vma=False,
         )(diff, *batch)
-        g = symmetrize(g)
-        weights, state = _on_one_device(weigh, mesh, g, state, key)
-        weights = jnp.reshape(weights, losses.shape).astype(losses.dtype)
-        if not weighting.differentiable:
-            weights = lax.stop_gradient(weights)
-        local_weights = jax.device_put(weights, NamedSharding(mesh, P(axis_name)))
-        updates = jax.shard_map(
-            update_part,
-            mesh=mesh,
-            in_specs=(P(), P(axis_name)) + batch_specs,
-            out_specs=P(),
-            check_vma=False,
-        )(diff, local_weights, *batch)
-        return GramianUpdate(losses, weights, updates, g, state)
 
-    # jit: executed eagerly, a shard_map runs op by op on every device (slow).
-    return jax.jit(run)(
-        *_place(mesh, (diff, state, key), P()), *_place(mesh, batch, P(axis_name))
-    )
+        def vjp(cotangent):
+            local = jax.lax.with_sharding_constraint(
+                cotangent, NamedSharding(mesh, P(axis_name))
+            )
+            return jax.shard_map(
+                update_part,
+                mesh=mesh,
+                in_specs=(P(), P(axis_name)) + batch_specs,
+                out_specs=P(),
+                check_vma=False,
+            )(diff, local, *batch)
+
+        def weigh_on_one_device(weighting, g, state, key):
+            return on_one_device(
+                lambda g, state, key: weigh(weighting, g, state, key),
+                mesh,
+                g,
+                state,
+                key,
+            )
+
+        return Linearized(losses, None, None, symmetrize(g), vjp, weigh_on_one_device)
+
+
+DataParallel.__init__.__doc__ = """**Arguments:**
+
+- `mesh`: a `jax.sharding.Mesh`.
+- `axis_name`: the mesh axis the batch is split over; the batch size must be
+    divisible by its size.
+"""

@@ -1,5 +1,5 @@
 import abc
-from typing import ClassVar
+from typing import Literal, TypeAlias
 
 import equinox as eqx
 from jaxtyping import Array, Float, PRNGKeyArray
@@ -7,15 +7,22 @@ from jaxtyping import Array, Float, PRNGKeyArray
 from ._custom_types import State
 
 
+Reads: TypeAlias = Literal["gramian", "matrix", "rows"]
+
+
 class AbstractWeighting(eqx.Module):
     r"""Base class for weightings: a map from a statistic of the Jacobian to weights.
 
     A weighting extracts weights $w \in \mathbb{R}^m$ from a statistic of the Jacobian
-    $J \in \mathbb{R}^{m \times n}$. Most weightings read the Gramian $G = J J^\top$
-    (shape `(m, m)`), which is what makes them usable without the Jacobian (see
-    [`eqxjd.GramianWeightedAggregator`][]); a few read $J$ itself (shape `(m, n)`).
-    Weightings that only read the number of rows (e.g. [`eqxjd.MeanWeighting`][]) accept
-    either.
+    $J \in \mathbb{R}^{m \times n}$, and declares which one in `reads`:
+
+    - `"gramian"`: the Gramian $G = J J^\top$, shape `(m, m)`. These weightings work
+      without the Jacobian (pytree Jacobians are aggregated through a sum of per-leaf
+      Gramians, and the Gramian strategies of
+      [`eqxjd.filter_value_and_aggregate`][] never form $J$).
+    - `"matrix"`: the Jacobian itself, shape `(m, n)` (or, for MoDo and SDMGrad, a
+      cross-batch matrix).
+    - `"rows"`: only the number of rows; any `(m, k)` matrix is accepted.
 
     **Conventions shared by every weighting:**
 
@@ -28,11 +35,13 @@ class AbstractWeighting(eqx.Module):
     - `differentiable` says whether gradients flow through the weights. Methods that
       TorchJD treats as non-differentiable stop gradients explicitly (zero, never
       wrong).
-    - Shape and dtype misuse raises `ValueError` at trace time; non-finite input gives
-      NaN weights; zero objectives give weights of shape `(0,)`.
+    - Shape and dtype misuse raises `ValueError` at trace time; zero objectives give
+      weights of shape `(0,)`. See the reliability page for non-finite input, extreme
+      scales and half precision.
     """
 
-    differentiable: ClassVar[bool] = True
+    reads: eqx.AbstractVar[Reads]
+    differentiable: eqx.AbstractVar[bool]
 
     @abc.abstractmethod
     def __call__(
@@ -40,8 +49,8 @@ class AbstractWeighting(eqx.Module):
     ) -> Float[Array, " m"]:
         """**Arguments:**
 
-        - `stat`: the Gramian $J J^\\top$ (shape `(m, m)`) or, for matrix weightings,
-            the Jacobian (shape `(m, n)`).
+        - `stat`: what the weighting reads (see `reads`): the Gramian $J J^\\top$
+            (shape `(m, m)`) or the Jacobian (shape `(m, n)`).
         - `key`: a JAX PRNG key, for random weightings. (Keyword only argument.)
 
         **Returns:**
@@ -63,10 +72,12 @@ class AbstractStatefulWeighting(eqx.Module):
     `init` depends only on the shape and dtype of its argument, and the state's tree
     structure, shapes and dtypes never change between calls, so a jitted training step
     does not retrace. Resetting is calling `init` again. A state built for another
-    number of objectives raises a `ValueError`.
+    number of objectives raises a `ValueError`. `reads` and `differentiable` are as in
+    [`eqxjd.AbstractWeighting`][].
     """
 
-    differentiable: ClassVar[bool] = True
+    reads: eqx.AbstractVar[Reads]
+    differentiable: eqx.AbstractVar[bool]
 
     @abc.abstractmethod
     def init(self, stat: Float[Array, "m k"], /) -> State:
@@ -90,7 +101,7 @@ class AbstractStatefulWeighting(eqx.Module):
     ) -> tuple[Float[Array, " m"], State]:
         """**Arguments:**
 
-        - `stat`: the Gramian (shape `(m, m)`) or the Jacobian (shape `(m, n)`).
+        - `stat`: what the weighting reads (see `reads`).
         - `state`: the state returned by `init` or by the previous call.
         - `key`: a JAX PRNG key, for random weightings. (Keyword only argument.)
 
@@ -98,3 +109,6 @@ class AbstractStatefulWeighting(eqx.Module):
 
         A 2-tuple of the weights (shape `(m,)`) and the new state.
         """
+
+
+AnyWeighting: TypeAlias = AbstractWeighting | AbstractStatefulWeighting

@@ -188,7 +188,7 @@ def main() -> dict[str, float]:
     jac_sharded = jax.device_put(jac, NamedSharding(auto_mesh, P(None, "data")))
     aggregators = {
         "mean": eqxjd.Mean(),
-        "softmin": eqxjd.GramianWeightedAggregator(_SoftminWeighting()),
+        "softmin": eqxjd.WeightedAggregator(_SoftminWeighting()),
         "upgrad": eqxjd.UPGrad(),
     }
     for name, aggregator in aggregators.items():

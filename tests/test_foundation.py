@@ -281,7 +281,7 @@ def test_solver_name_and_instance_agree(getkey):
 
 def test_wrappers_match():
     J = jnp.asarray(J_5X7)
-    gwa = eqxjd.GramianWeightedAggregator(eqxjd.UPGradWeighting())
+    gwa = eqxjd.WeightedAggregator(eqxjd.UPGradWeighting())
     np.testing.assert_allclose(gwa(J), eqxjd.UPGrad()(J), rtol=1e-14)
     wa = eqxjd.WeightedAggregator(eqxjd.MeanWeighting())
     np.testing.assert_allclose(wa(J), eqxjd.Mean()(J), rtol=1e-14)
@@ -322,7 +322,7 @@ def test_pytree_aggregation_equals_flat(agg, getkey):
     J = jr.normal(getkey(), (4, 9))
     tree = _tree(J)
     flat = agg(J)
-    out = eqxjd.aggregate(agg, tree)
+    out = eqxjd.aggregate(agg, tree).update
     expected = _tree(flat[None])
     expected = jax.tree.map(lambda x: x[0], expected)
     assert eqx.tree_equal(out, expected, rtol=1e-10, atol=1e-12)

@@ -848,7 +848,7 @@ def test_excess_mtl_warmup_and_state():
 
 def test_crmogm_torchjd_sequence():
     for seq in ("s2", "s5"):
-        agg = eqxjd.StatefulGramianWeightedAggregator(
+        agg = eqxjd.StatefulWeightedAggregator(
             eqxjd.CRMOGMWeighting(eqxjd.MGDAWeighting(), alpha=0.5)
         )
         outs, _ = run_sequence(agg, SEQS[seq], weights=True)
@@ -856,7 +856,7 @@ def test_crmogm_torchjd_sequence():
             assert rel(w, _TORCHJD[f"crmogm_mgda/{seq}"][k]) < 1e-12
     # A stateful, random wrapped weighting with initial weights (m = 2: the GradVac
     # draws do not matter, so the keyed API reproduces TorchJD).
-    agg = eqxjd.StatefulGramianWeightedAggregator(
+    agg = eqxjd.StatefulWeightedAggregator(
         eqxjd.CRMOGMWeighting(eqxjd.GradVacWeighting(), 0.7, jnp.array([1.0, 2.0]))
     )
     outs, state = run_sequence(agg, SEQS["s2"], weights=True, key=True)
@@ -868,7 +868,7 @@ def test_crmogm_torchjd_sequence():
 def test_crmogm_published_and_limits():
     J = jnp.asarray(J_BASE)
     # §9.2: CRMOGM(MGDA, alpha=0.5) = MGDA on both calls when the input does not change.
-    agg = eqxjd.StatefulGramianWeightedAggregator(
+    agg = eqxjd.StatefulWeightedAggregator(
         eqxjd.CRMOGMWeighting(eqxjd.MGDAWeighting(), alpha=0.5)
     )
     outs, state = run_sequence(agg, [J, J], weights=True)
@@ -997,13 +997,11 @@ STATEFUL = {
     "gradvac": lambda: eqxjd.GradVac(),
     "pcd": lambda: eqxjd.PCD(),
     "excess_mtl": lambda: eqxjd.ExcessMTL(),
-    "crmogm": lambda: eqxjd.StatefulGramianWeightedAggregator(
+    "crmogm": lambda: eqxjd.StatefulWeightedAggregator(
         eqxjd.CRMOGMWeighting(eqxjd.MoDoWeighting(), alpha=0.5)
     ),
-    "modo": lambda: eqxjd.StatefulGramianWeightedAggregator(eqxjd.MoDoWeighting()),
-    "sdmgrad": lambda: eqxjd.StatefulGramianWeightedAggregator(
-        eqxjd.SDMGradWeighting()
-    ),
+    "modo": lambda: eqxjd.StatefulWeightedAggregator(eqxjd.MoDoWeighting()),
+    "sdmgrad": lambda: eqxjd.StatefulWeightedAggregator(eqxjd.SDMGradWeighting()),
 }
 
 
@@ -1190,7 +1188,7 @@ def test_reference_fixture():
             ("excessmtl_warm2", lambda: eqxjd.ExcessMTL(n_warmup_steps=2)),
             (
                 "crmogm_mgda_a0.5",
-                lambda: eqxjd.StatefulGramianWeightedAggregator(
+                lambda: eqxjd.StatefulWeightedAggregator(
                     eqxjd.CRMOGMWeighting(eqxjd.MGDAWeighting(), alpha=0.5)
                 ),
             ),

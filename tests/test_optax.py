@@ -9,7 +9,7 @@ import jax.tree_util as jtu
 import pytest
 
 from .helpers import tree_allclose
-from .test_autojac import losses_fn, Net, random_agg, stateful_agg
+from .test_step import losses_fn, Net, random_agg, stateful_agg
 
 
 optax = pytest.importorskip("optax")
@@ -40,7 +40,7 @@ def test_chain_step_equals_manual_step(setup):
             updates, opt_state = optim.update(jac, opt_state, params_of(model))
             model = eqx.apply_updates(model, updates)
             # Manual: aggregate, then adam.
-            ref_update, _ = eqxjd.jac_to_grad(jac_fn(ref, x, y), agg)
+            ref_update = eqxjd.aggregate(agg, jac_fn(ref, x, y)).update
             ref_updates, adam_state = adam.update(
                 ref_update, adam_state, params_of(ref)
             )
@@ -90,7 +90,8 @@ def test_stateful_state_lives_in_optax_state(setup):
         for _ in range(3):
             jac = jac_fn(model, x, y)
             updates, opt_state = optim.update(jac, opt_state, params_of(model))
-            expected, _, manual_state = eqxjd.jac_to_grad(jac, agg, manual_state)
+            out = eqxjd.aggregate(agg, jac, manual_state)
+            expected, manual_state = out.update, out.state
             assert tree_allclose(
                 updates, jtu.tree_map(lambda u: -0.1 * u, expected), rtol=1e-12
             )
@@ -123,7 +124,7 @@ def test_grouped(setup):
     update, _ = transform.update(
         jac, transform.init(params_of(model)), params_of(model)
     )
-    expected, _ = eqxjd.jac_to_grad(jac, grouped)
+    expected = eqxjd.aggregate(grouped, jac).update
     assert tree_allclose(update, expected)
 
 

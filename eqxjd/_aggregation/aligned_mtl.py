@@ -1,14 +1,14 @@
-from typing import Literal
+from typing import ClassVar, Literal
 
 import equinox as eqx
 import jax.lax as lax
 import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, Float, PRNGKeyArray
 
-from .._aggregator import AbstractGramianWeightedAggregator
+from .._aggregator import AbstractWeightedAggregator
 from .._checks import check_gramian
 from .._misc import pref_weights
-from .._weighting import AbstractWeighting
+from .._weighting import AbstractWeighting, Reads
 from .common import pref_field
 
 
@@ -90,6 +90,9 @@ class AlignedMTLWeighting(AbstractWeighting):
     2023, [arXiv:2305.19000](https://arxiv.org/abs/2305.19000), Algorithm 1.
     """
 
+    reads: ClassVar[Reads] = "gramian"
+    differentiable: ClassVar[bool] = True
+
     pref_vector: Float[Array, " m"] | None = pref_field()
     scale_mode: Literal["min", "median", "rmse"] = eqx.field(default="min", static=True)
 
@@ -122,7 +125,7 @@ _ARGS = """**Arguments:**
 AlignedMTLWeighting.__init__.__doc__ = _ARGS
 
 
-class AlignedMTL(AbstractGramianWeightedAggregator):
+class AlignedMTL(AbstractWeightedAggregator):
     r"""Aligned Multi-Task Learning.
 
     $$A(J) = J^\top B p, \qquad B = \sqrt{s}\, V_r \Lambda_r^{-1/2} V_r^\top,$$
@@ -135,14 +138,14 @@ class AlignedMTL(AbstractGramianWeightedAggregator):
     2023, [arXiv:2305.19000](https://arxiv.org/abs/2305.19000).
     """
 
-    gramian_weighting: AlignedMTLWeighting
+    weighting: AlignedMTLWeighting
 
     def __init__(
         self,
         pref_vector: Float[ArrayLike, " m"] | None = None,
         scale_mode: Literal["min", "median", "rmse"] = "min",
     ):
-        self.gramian_weighting = AlignedMTLWeighting(pref_vector, scale_mode)
+        self.weighting = AlignedMTLWeighting(pref_vector, scale_mode)
 
 
 AlignedMTL.__init__.__doc__ = _ARGS

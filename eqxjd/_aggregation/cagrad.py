@@ -4,11 +4,11 @@ import jax.lax as lax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, PRNGKeyArray
 
-from .._aggregator import AbstractGramianWeightedAggregator
+from .._aggregator import AbstractWeightedAggregator
 from .._checks import check_gramian, check_nonnegative
 from .._custom_types import ScalarLike
 from .._misc import normalize, solve_dtype
-from .._weighting import AbstractWeighting
+from .._weighting import AbstractWeighting, Reads
 
 
 _HIGHEST = lax.Precision.HIGHEST
@@ -217,6 +217,8 @@ class CAGradWeighting(AbstractWeighting):
     2021, [arXiv:2110.14048](https://arxiv.org/abs/2110.14048), Algorithm 1.
     """
 
+    reads: ClassVar[Reads] = "gramian"
+
     c: ScalarLike
     norm_eps: ScalarLike = 1e-4
     differentiable: ClassVar[bool] = False
@@ -250,7 +252,7 @@ _ARGS = """**Arguments:**
 CAGradWeighting.__init__.__doc__ = _ARGS
 
 
-class CAGrad(AbstractGramianWeightedAggregator):
+class CAGrad(AbstractWeightedAggregator):
     r"""Conflict-Averse Gradient descent.
 
     $$A(J) = g_0 + \frac{\sqrt\phi}{\|g_{w^\star}\|}\, g_{w^\star}, \qquad
@@ -265,10 +267,10 @@ class CAGrad(AbstractGramianWeightedAggregator):
     2021, [arXiv:2110.14048](https://arxiv.org/abs/2110.14048).
     """
 
-    gramian_weighting: CAGradWeighting
+    weighting: CAGradWeighting
 
     def __init__(self, c: ScalarLike, norm_eps: ScalarLike = 1e-4):
-        self.gramian_weighting = CAGradWeighting(c, norm_eps)
+        self.weighting = CAGradWeighting(c, norm_eps)
 
 
 CAGrad.__init__.__doc__ = _ARGS

@@ -1,4 +1,5 @@
 import functools as ft
+from typing import ClassVar
 
 import equinox as eqx
 from jaxtyping import Array, ArrayLike, Float, PRNGKeyArray
@@ -6,12 +7,15 @@ from jaxtyping import Array, ArrayLike, Float, PRNGKeyArray
 from .._aggregator import AbstractWeightedAggregator
 from .._checks import check_length, check_matrix
 from .._misc import as_vector
-from .._weighting import AbstractWeighting
+from .._weighting import AbstractWeighting, Reads
 
 
 class ConstantWeighting(AbstractWeighting):
     r"""Fixed weights $w$, given at construction. Reads only the number of rows, which
     must equal `len(weights)`."""
+
+    reads: ClassVar[Reads] = "rows"
+    differentiable: ClassVar[bool] = True
 
     weights: Float[Array, " m"] = eqx.field(
         converter=ft.partial(as_vector, name="weights")

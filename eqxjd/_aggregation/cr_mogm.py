@@ -8,7 +8,7 @@ from jaxtyping import Array, Bool, Float, PRNGKeyArray
 from .._checks import check_matrix, check_range, check_scalar, check_state_shape
 from .._custom_types import ScalarLike, State
 from .._misc import as_vector
-from .._weighting import AbstractStatefulWeighting, AbstractWeighting
+from .._weighting import AbstractStatefulWeighting, AbstractWeighting, Reads
 
 
 class _CRMOGMState(eqx.Module):
@@ -32,10 +32,9 @@ class CRMOGMWeighting(AbstractStatefulWeighting):
     statistic is passed through unchanged, and so is `key`). The state holds
     $\lambda_{k-1}$ and the wrapped weighting's state (`None` for a stateless one).
     Differentiable if and only if the wrapped weighting is. Build the aggregator with
-    `eqxjd.StatefulGramianWeightedAggregator(CRMOGMWeighting(eqxjd.UPGradWeighting()))`
-    or `eqxjd.StatefulWeightedAggregator(CRMOGMWeighting(...))` for a weighting that
-    reads $J$. The paper's schedule $\alpha_k = 1 - \mathrm{lr}_k/\mathrm{lr}_0$ is
-    obtained by rebuilding the module with another `alpha` (`alpha` is an ordinary
+    `eqxjd.StatefulWeightedAggregator(CRMOGMWeighting(eqxjd.UPGradWeighting()))`.
+    The paper's schedule $\alpha_k = 1 - \mathrm{lr}_k/\mathrm{lr}_0$ is obtained
+    by rebuilding the module with another `alpha` (`alpha` is an ordinary
     field, so `eqx.tree_at` works without retracing).
 
     Zhou et al., *On the Convergence of Stochastic Multi-Objective Gradient Manipulation
@@ -60,7 +59,12 @@ class CRMOGMWeighting(AbstractStatefulWeighting):
         check_range(self.alpha, "alpha", 0.0, 1.0)
 
     @property
-    def differentiable(self) -> bool:  # pyright: ignore[reportIncompatibleVariableOverride]
+    def reads(self) -> Reads:
+        """What the weighting reads: as the wrapped weighting."""
+        return self.weighting.reads
+
+    @property
+    def differentiable(self) -> bool:
         """Whether gradients flow through the weights: as the wrapped weighting."""
         return self.weighting.differentiable
 

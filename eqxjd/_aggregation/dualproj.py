@@ -1,13 +1,15 @@
+from typing import ClassVar
+
 import equinox as eqx
 from jaxtyping import Array, ArrayLike, Float, PRNGKeyArray
 
-from .._aggregator import AbstractGramianWeightedAggregator
+from .._aggregator import AbstractWeightedAggregator
 from .._checks import check_gramian, check_nonnegative
 from .._custom_types import ScalarLike
 from .._dual_cone import project_onto_dual_cone
 from .._misc import as_vector, pref_weights
 from .._solver.base import AbstractQPSolver, SolverName, to_solver
-from .._weighting import AbstractWeighting
+from .._weighting import AbstractWeighting, Reads
 from .upgrad import _ARGS
 
 
@@ -18,6 +20,8 @@ class DualProjWeighting(AbstractWeighting):
     Lopez-Paz & Ranzato, *Gradient Episodic Memory for Continual Learning*, NeurIPS
     2017, [arXiv:1706.08840](https://arxiv.org/abs/1706.08840), Eq. 11.
     """
+
+    reads: ClassVar[Reads] = "gramian"
 
     pref_vector: Float[Array, " m"] | None
     norm_eps: ScalarLike
@@ -71,7 +75,7 @@ class DualProjWeighting(AbstractWeighting):
 DualProjWeighting.__init__.__doc__ = _ARGS
 
 
-class DualProj(AbstractGramianWeightedAggregator):
+class DualProj(AbstractWeightedAggregator):
     r"""Projection of the preference-weighted mean onto the dual cone.
 
     $$A(J) = \pi_J(J^\top p), \qquad \pi_J(x) = \operatorname{argmin}_{y : J y \geq 0}
@@ -84,7 +88,7 @@ class DualProj(AbstractGramianWeightedAggregator):
     2017, [arXiv:1706.08840](https://arxiv.org/abs/1706.08840), Eq. 11.
     """
 
-    gramian_weighting: DualProjWeighting
+    weighting: DualProjWeighting
 
     def __init__(
         self,
@@ -95,7 +99,7 @@ class DualProj(AbstractGramianWeightedAggregator):
         differentiable: bool = False,
         throw: bool = True,
     ):
-        self.gramian_weighting = DualProjWeighting(
+        self.weighting = DualProjWeighting(
             pref_vector, norm_eps, reg_eps, solver, differentiable, throw
         )
 

@@ -9,7 +9,7 @@ from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 from .._aggregator import AbstractStatefulWeightedAggregator
 from .._checks import check_matrix, check_range, check_scalar, check_state_shape
 from .._custom_types import ScalarLike, State
-from .._weighting import AbstractStatefulWeighting
+from .._weighting import AbstractStatefulWeighting, Reads
 
 
 class _ExcessMTLState(eqx.Module):
@@ -42,6 +42,8 @@ class ExcessMTLWeighting(AbstractStatefulWeighting):
     He et al., *Robust Multi-Task Learning with Excess Risks*, ICML 2024,
     [arXiv:2402.02009](https://arxiv.org/abs/2402.02009).
     """
+
+    reads: ClassVar[Reads] = "matrix"
 
     robust_step_size: ScalarLike = 1.0
     n_warmup_steps: int = eqx.field(default=0, static=True)

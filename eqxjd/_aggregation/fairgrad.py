@@ -6,11 +6,11 @@ import jax.lax as lax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, PRNGKeyArray
 
-from .._aggregator import AbstractGramianWeightedAggregator
+from .._aggregator import AbstractWeightedAggregator
 from .._checks import check_gramian, check_range, check_scalar
 from .._custom_types import ScalarLike
 from .._misc import nan_unless_finite, solve_dtype
-from .._weighting import AbstractWeighting
+from .._weighting import AbstractWeighting, Reads
 
 
 _DEFAULT_MAX_ITERS = 100
@@ -136,6 +136,8 @@ class FairGradWeighting(AbstractWeighting):
     [arXiv:2402.15638](https://arxiv.org/abs/2402.15638), Equation 4 / Algorithm 1.
     """
 
+    reads: ClassVar[Reads] = "gramian"
+
     alpha: ScalarLike
     max_iters: int | None = eqx.field(default=None, static=True)
 
@@ -186,7 +188,7 @@ _ARGS = """**Arguments:**
 FairGradWeighting.__init__.__doc__ = _ARGS
 
 
-class FairGrad(AbstractGramianWeightedAggregator):
+class FairGrad(AbstractWeightedAggregator):
     r"""FairGrad: the $\alpha$-fair aggregation $A(J) = J^\top w$ with $w > 0$ the
     root of $J J^\top w = w^{-1/\alpha}$ (see [`eqxjd.FairGradWeighting`][]).
 
@@ -207,10 +209,10 @@ class FairGrad(AbstractGramianWeightedAggregator):
     [arXiv:2402.15638](https://arxiv.org/abs/2402.15638), Algorithm 1.
     """
 
-    gramian_weighting: FairGradWeighting
+    weighting: FairGradWeighting
 
     def __init__(self, alpha: ScalarLike, max_iters: int | None = None):
-        self.gramian_weighting = FairGradWeighting(alpha, max_iters)
+        self.weighting = FairGradWeighting(alpha, max_iters)
 
 
 FairGrad.__init__.__doc__ = _ARGS

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import jax.random as jr
 from jaxtyping import Array, Float, Int, PRNGKeyArray
 
-from .._aggregator import AbstractStatefulGramianWeightedAggregator
+from .._aggregator import AbstractStatefulWeightedAggregator
 from .._checks import (
     check_gramian,
     check_range,
@@ -16,7 +16,7 @@ from .._checks import (
     require_key,
 )
 from .._custom_types import ScalarLike, State
-from .._weighting import AbstractStatefulWeighting
+from .._weighting import AbstractStatefulWeighting, Reads
 
 
 class _GradVacState(eqx.Module):
@@ -118,6 +118,8 @@ class GradVacWeighting(AbstractStatefulWeighting):
     [arXiv:2010.05874](https://arxiv.org/abs/2010.05874).
     """
 
+    reads: ClassVar[Reads] = "gramian"
+
     beta: ScalarLike = 0.5
     eps: ScalarLike = 1e-8
 
@@ -163,7 +165,7 @@ _ARGS = """**Arguments:**
 GradVacWeighting.__init__.__doc__ = _ARGS
 
 
-class GradVac(AbstractStatefulGramianWeightedAggregator):
+class GradVac(AbstractStatefulWeightedAggregator):
     r"""Gradient Vaccine: $A(J) = \sum_i g_i^{PC}$, where each row $g_i$ is corrected
     towards every other row $g_j$ (visited in a random order) until its cosine
     similarity reaches an adaptive target $\hat\phi_{ij}$, an EMA of the observed
@@ -184,10 +186,10 @@ class GradVac(AbstractStatefulGramianWeightedAggregator):
     [arXiv:2010.05874](https://arxiv.org/abs/2010.05874).
     """
 
-    gramian_weighting: GradVacWeighting
+    weighting: GradVacWeighting
 
     def __init__(self, beta: ScalarLike = 0.5, eps: ScalarLike = 1e-8):
-        self.gramian_weighting = GradVacWeighting(beta, eps)
+        self.weighting = GradVacWeighting(beta, eps)
 
 
 GradVac.__init__.__doc__ = _ARGS

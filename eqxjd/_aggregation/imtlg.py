@@ -4,9 +4,9 @@ import jax.lax as lax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, PRNGKeyArray
 
-from .._aggregator import AbstractGramianWeightedAggregator
+from .._aggregator import AbstractWeightedAggregator
 from .._checks import check_gramian
-from .._weighting import AbstractWeighting
+from .._weighting import AbstractWeighting, Reads
 
 
 _HIGHEST = lax.Precision.HIGHEST
@@ -63,6 +63,8 @@ class IMTLGWeighting(AbstractWeighting):
     [arXiv:2406.16232](https://arxiv.org/abs/2406.16232).
     """
 
+    reads: ClassVar[Reads] = "gramian"
+
     differentiable: ClassVar[bool] = False
 
     def __call__(
@@ -77,7 +79,7 @@ class IMTLGWeighting(AbstractWeighting):
 IMTLGWeighting.__init__.__doc__ = """**Arguments:** none."""
 
 
-class IMTLG(AbstractGramianWeightedAggregator):
+class IMTLG(AbstractWeightedAggregator):
     r"""Impartial Multi-Task Learning (gradient balancing), generalised.
 
     $$A(J) = J^\top w, \qquad w = \frac{G^+ \delta}{\mathbf 1^\top G^+ \delta},
@@ -91,10 +93,10 @@ class IMTLG(AbstractGramianWeightedAggregator):
     [arXiv:2406.16232](https://arxiv.org/abs/2406.16232).
     """
 
-    gramian_weighting: IMTLGWeighting
+    weighting: IMTLGWeighting
 
     def __init__(self):
-        self.gramian_weighting = IMTLGWeighting()
+        self.weighting = IMTLGWeighting()
 
 
 IMTLG.__init__.__doc__ = """**Arguments:** none."""

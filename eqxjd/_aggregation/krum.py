@@ -1,11 +1,13 @@
+from typing import ClassVar
+
 import equinox as eqx
 import jax.lax as lax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, PRNGKeyArray
 
-from .._aggregator import AbstractGramianWeightedAggregator
+from .._aggregator import AbstractWeightedAggregator
 from .._checks import check_gramian
-from .._weighting import AbstractWeighting
+from .._weighting import AbstractWeighting, Reads
 
 
 class KrumWeighting(AbstractWeighting):
@@ -21,6 +23,9 @@ class KrumWeighting(AbstractWeighting):
     Blanchard et al., *Machine Learning with Adversaries: Byzantine Tolerant Gradient
     Descent*, NeurIPS 2017, [arXiv:1703.02757](https://arxiv.org/abs/1703.02757).
     """
+
+    reads: ClassVar[Reads] = "gramian"
+    differentiable: ClassVar[bool] = True
 
     n_byzantine: int = eqx.field(static=True)
     n_selected: int = eqx.field(default=1, static=True)
@@ -73,7 +78,7 @@ _ARGS = """**Arguments:**
 KrumWeighting.__init__.__doc__ = _ARGS
 
 
-class Krum(AbstractGramianWeightedAggregator):
+class Krum(AbstractWeightedAggregator):
     r"""(Multi-)Krum: the average of the `n_selected` rows that are closest to their
     $m - f - 2$ nearest neighbours.
 
@@ -87,10 +92,10 @@ class Krum(AbstractGramianWeightedAggregator):
     Descent*, NeurIPS 2017, [arXiv:1703.02757](https://arxiv.org/abs/1703.02757).
     """
 
-    gramian_weighting: KrumWeighting
+    weighting: KrumWeighting
 
     def __init__(self, n_byzantine: int, n_selected: int = 1):
-        self.gramian_weighting = KrumWeighting(n_byzantine, n_selected)
+        self.weighting = KrumWeighting(n_byzantine, n_selected)
 
 
 Krum.__init__.__doc__ = _ARGS

@@ -1,15 +1,20 @@
+from typing import ClassVar
+
 import jax.numpy as jnp
 from jaxtyping import Array, Float, PRNGKeyArray
 
 from .._aggregator import AbstractWeightedAggregator
 from .._checks import check_matrix
-from .._weighting import AbstractWeighting
+from .._weighting import AbstractWeighting, Reads
 
 
 class MeanWeighting(AbstractWeighting):
     r"""Uniform weights $w = \frac1m \mathbf 1$. Reads only the number of rows, so it
     accepts a Jacobian `(m, n)` or a Gramian `(m, m)`. With `m = 0` it returns an
     empty vector."""
+
+    reads: ClassVar[Reads] = "rows"
+    differentiable: ClassVar[bool] = True
 
     def __call__(
         self, stat: Float[Array, "m k"], /, *, key: PRNGKeyArray | None = None

@@ -1,12 +1,14 @@
+from typing import ClassVar
+
 import equinox as eqx
 import jax.lax as lax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, PRNGKeyArray
 
-from .._aggregator import AbstractGramianWeightedAggregator
+from .._aggregator import AbstractWeightedAggregator
 from .._checks import check_gramian
 from .._custom_types import ScalarLike
-from .._weighting import AbstractWeighting
+from .._weighting import AbstractWeighting, Reads
 
 
 _HIGHEST = lax.Precision.HIGHEST
@@ -62,6 +64,9 @@ class MGDAWeighting(AbstractWeighting):
     [arXiv:1810.04650](https://arxiv.org/abs/1810.04650), Algorithm 2.
     """
 
+    reads: ClassVar[Reads] = "gramian"
+    differentiable: ClassVar[bool] = True
+
     epsilon: ScalarLike = 1e-3
     max_iters: int = eqx.field(default=100, static=True)
 
@@ -92,7 +97,7 @@ _ARGS = """**Arguments:**
 MGDAWeighting.__init__.__doc__ = _ARGS
 
 
-class MGDA(AbstractGramianWeightedAggregator):
+class MGDA(AbstractWeightedAggregator):
     r"""Multiple-Gradient Descent Algorithm.
 
     $$A(J) = J^\top w, \qquad w \approx \operatorname{argmin}_{w \in \Delta}
@@ -107,10 +112,10 @@ class MGDA(AbstractGramianWeightedAggregator):
     [arXiv:1810.04650](https://arxiv.org/abs/1810.04650).
     """
 
-    gramian_weighting: MGDAWeighting
+    weighting: MGDAWeighting
 
     def __init__(self, epsilon: ScalarLike = 1e-3, max_iters: int = 100):
-        self.gramian_weighting = MGDAWeighting(epsilon, max_iters)
+        self.weighting = MGDAWeighting(epsilon, max_iters)
 
 
 MGDA.__init__.__doc__ = _ARGS

@@ -8,7 +8,7 @@ from jaxtyping import Array, Float, PRNGKeyArray
 from .._checks import check_gramian, check_range, check_scalar, check_state_shape
 from .._custom_types import ScalarLike, State
 from .._misc import project_onto_simplex
-from .._weighting import AbstractStatefulWeighting
+from .._weighting import AbstractStatefulWeighting, Reads
 
 
 _HIGHEST = lax.Precision.HIGHEST
@@ -40,6 +40,8 @@ class MoDoWeighting(AbstractStatefulWeighting):
     Generalization and Conflict-Avoidance*, JMLR 2024,
     [arXiv:2305.20057](https://arxiv.org/abs/2305.20057).
     """
+
+    reads: ClassVar[Reads] = "gramian"
 
     gamma: ScalarLike = 0.1
     rho: ScalarLike = 0.1

@@ -9,7 +9,7 @@ from .._aggregator import AbstractStatefulWeightedAggregator
 from .._checks import check_matrix, check_nonnegative
 from .._custom_types import ScalarLike, State
 from .._misc import combine, gramian, solve_dtype
-from .._weighting import AbstractStatefulWeighting
+from .._weighting import AbstractStatefulWeighting, Reads
 
 
 # Newton on the Nash bargaining equations: at most this many steps (a data-dependent
@@ -138,6 +138,8 @@ def nash_mtl_update(
 
 class _NashMTLWeighting(AbstractStatefulWeighting):
     """The stateful weighting of [`eqxjd.NashMTL`][] (reads the Jacobian)."""
+
+    reads: ClassVar[Reads] = "matrix"
 
     differentiable: ClassVar[bool] = False
     n_tasks: int = eqx.field(static=True)

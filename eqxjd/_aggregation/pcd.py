@@ -6,11 +6,11 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, ArrayLike, Float, Int, PRNGKeyArray
 
-from .._aggregator import AbstractStatefulGramianWeightedAggregator
+from .._aggregator import AbstractStatefulWeightedAggregator
 from .._checks import check_gramian, check_range, check_scalar, check_state_shape
 from .._custom_types import ScalarLike, State
 from .._misc import all_finite, solve_dtype
-from .._weighting import AbstractStatefulWeighting
+from .._weighting import AbstractStatefulWeighting, Reads
 
 
 _HIGHEST = lax.Precision.HIGHEST
@@ -162,6 +162,8 @@ class PCDWeighting(AbstractStatefulWeighting):
     [arXiv:2606.29521](https://arxiv.org/abs/2606.29521).
     """
 
+    reads: ClassVar[Reads] = "gramian"
+
     tau: ScalarLike | Float[Array, " k"] = eqx.field(default=0.02, converter=_to_tau)
     beta: ScalarLike = 0.999
     eps: ScalarLike = 1e-8
@@ -261,7 +263,7 @@ _ARGS = """**Arguments:**
 PCDWeighting.__init__.__doc__ = _ARGS
 
 
-class PCD(AbstractStatefulGramianWeightedAggregator):
+class PCD(AbstractStatefulWeightedAggregator):
     r"""Priority-Constrained Descent: follow the primary gradient $g_1$ (row 0) as
     closely as possible while guaranteeing each secondary objective a fraction $\tau$
     of normalised progress,
@@ -281,7 +283,7 @@ class PCD(AbstractStatefulGramianWeightedAggregator):
     [arXiv:2606.29521](https://arxiv.org/abs/2606.29521).
     """
 
-    gramian_weighting: PCDWeighting
+    weighting: PCDWeighting
 
     def __init__(
         self,
@@ -289,7 +291,7 @@ class PCD(AbstractStatefulGramianWeightedAggregator):
         beta: ScalarLike = 0.999,
         eps: ScalarLike = 1e-8,
     ):
-        self.gramian_weighting = PCDWeighting(tau, beta, eps)
+        self.weighting = PCDWeighting(tau, beta, eps)
 
 
 PCD.__init__.__doc__ = _ARGS

@@ -6,9 +6,9 @@ import jax.numpy as jnp
 import jax.random as jr
 from jaxtyping import Array, Float, Int, PRNGKeyArray
 
-from .._aggregator import AbstractGramianWeightedAggregator
+from .._aggregator import AbstractWeightedAggregator
 from .._checks import check_gramian, require_key
-from .._weighting import AbstractWeighting
+from .._weighting import AbstractWeighting, Reads
 
 
 def pcgrad_permutations(key: PRNGKeyArray, m: int) -> Int[Array, "m m"]:
@@ -78,6 +78,8 @@ class PCGradWeighting(AbstractWeighting):
     [arXiv:2001.06782](https://arxiv.org/abs/2001.06782), Algorithm 1.
     """
 
+    reads: ClassVar[Reads] = "gramian"
+
     differentiable: ClassVar[bool] = False
 
     def __call__(
@@ -92,7 +94,7 @@ class PCGradWeighting(AbstractWeighting):
 PCGradWeighting.__init__.__doc__ = """**Arguments:** none."""
 
 
-class PCGrad(AbstractGramianWeightedAggregator):
+class PCGrad(AbstractWeightedAggregator):
     r"""Projecting Conflicting Gradients.
 
     $$A(J) = \sum_i g_i^{PC},$$
@@ -108,7 +110,7 @@ class PCGrad(AbstractGramianWeightedAggregator):
     [arXiv:2001.06782](https://arxiv.org/abs/2001.06782), Algorithm 1.
     """
 
-    gramian_weighting: PCGradWeighting = PCGradWeighting()
+    weighting: PCGradWeighting = PCGradWeighting()
 
 
 PCGrad.__init__.__doc__ = """**Arguments:** none."""

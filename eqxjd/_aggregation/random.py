@@ -1,3 +1,5 @@
+from typing import ClassVar
+
 import jax
 import jax.numpy as jnp
 import jax.random as jr
@@ -5,7 +7,7 @@ from jaxtyping import Array, Float, PRNGKeyArray
 
 from .._aggregator import AbstractWeightedAggregator
 from .._checks import check_matrix, require_key
-from .._weighting import AbstractWeighting
+from .._weighting import AbstractWeighting, Reads
 
 
 def random_normals(key: PRNGKeyArray, m: int, dtype: jnp.dtype) -> Float[Array, " m"]:
@@ -36,6 +38,9 @@ class RandomWeighting(AbstractWeighting):
     Multi-Task Learning*, TMLR 2022,
     [arXiv:2111.10603](https://arxiv.org/abs/2111.10603), Algorithm 2.
     """
+
+    reads: ClassVar[Reads] = "rows"
+    differentiable: ClassVar[bool] = True
 
     def __call__(
         self, stat: Float[Array, "m k"], /, *, key: PRNGKeyArray | None = None

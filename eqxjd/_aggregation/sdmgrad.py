@@ -15,7 +15,7 @@ from .._checks import (
 )
 from .._custom_types import ScalarLike, State
 from .._misc import as_vector, project_onto_simplex
-from .._weighting import AbstractStatefulWeighting
+from .._weighting import AbstractStatefulWeighting, Reads
 
 
 _HIGHEST = lax.Precision.HIGHEST
@@ -46,6 +46,8 @@ class SDMGradWeighting(AbstractStatefulWeighting):
     Stochastic Algorithms*, NeurIPS 2023,
     [arXiv:2305.18409](https://arxiv.org/abs/2305.18409).
     """
+
+    reads: ClassVar[Reads] = "gramian"
 
     lr: ScalarLike = 10.0
     momentum: ScalarLike = 0.5

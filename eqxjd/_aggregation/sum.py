@@ -1,13 +1,18 @@
+from typing import ClassVar
+
 import jax.numpy as jnp
 from jaxtyping import Array, Float, PRNGKeyArray
 
 from .._aggregator import AbstractWeightedAggregator
 from .._checks import check_matrix
-from .._weighting import AbstractWeighting
+from .._weighting import AbstractWeighting, Reads
 
 
 class SumWeighting(AbstractWeighting):
     r"""Unit weights $w = \mathbf 1$. Reads only the number of rows."""
+
+    reads: ClassVar[Reads] = "rows"
+    differentiable: ClassVar[bool] = True
 
     def __call__(
         self, stat: Float[Array, "m k"], /, *, key: PRNGKeyArray | None = None

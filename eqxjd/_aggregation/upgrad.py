@@ -1,14 +1,16 @@
+from typing import ClassVar
+
 import equinox as eqx
 import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, Float, PRNGKeyArray
 
-from .._aggregator import AbstractGramianWeightedAggregator
+from .._aggregator import AbstractWeightedAggregator
 from .._checks import check_gramian, check_nonnegative
 from .._custom_types import ScalarLike
 from .._dual_cone import project_onto_dual_cone
 from .._misc import as_vector, pref_weights
 from .._solver.base import AbstractQPSolver, SolverName, to_solver
-from .._weighting import AbstractWeighting
+from .._weighting import AbstractWeighting, Reads
 
 
 class UPGradWeighting(AbstractWeighting):
@@ -22,6 +24,8 @@ class UPGradWeighting(AbstractWeighting):
     Quinton & Rey, *Jacobian Descent for Multi-Objective Optimization*, 2024,
     [arXiv:2406.16232](https://arxiv.org/abs/2406.16232).
     """
+
+    reads: ClassVar[Reads] = "gramian"
 
     pref_vector: Float[Array, " m"] | None
     norm_eps: ScalarLike
@@ -91,7 +95,7 @@ _ARGS = """**Arguments:**
 UPGradWeighting.__init__.__doc__ = _ARGS
 
 
-class UPGrad(AbstractGramianWeightedAggregator):
+class UPGrad(AbstractWeightedAggregator):
     r"""Unconflicting Projection of Gradients.
 
     $$A(J) = \sum_i \pi_J(p_i g_i), \qquad \pi_J(x) = \operatorname{argmin}_{y : J y
@@ -116,7 +120,7 @@ class UPGrad(AbstractGramianWeightedAggregator):
     [arXiv:2406.16232](https://arxiv.org/abs/2406.16232).
     """
 
-    gramian_weighting: UPGradWeighting
+    weighting: UPGradWeighting
 
     def __init__(
         self,
@@ -127,7 +131,7 @@ class UPGrad(AbstractGramianWeightedAggregator):
         differentiable: bool = False,
         throw: bool = True,
     ):
-        self.gramian_weighting = UPGradWeighting(
+        self.weighting = UPGradWeighting(
             pref_vector, norm_eps, reg_eps, solver, differentiable, throw
         )
 

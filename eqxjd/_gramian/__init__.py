@@ -8,7 +8,6 @@ from .common import (
 )
 from .generic import generic_gramian as generic_gramian
 from .per_sample import (
-    batched_losses as batched_losses,
     independence_check as independence_check,
     per_sample_gramian as per_sample_gramian,
     per_sample_vector_fn as per_sample_vector_fn,

@@ -14,50 +14,21 @@ from .._checks import check_losses
 from .common import block, flat_rows, symmetrize
 
 
-def per_sample_vector_fn(
-    loss_fn: Callable[..., Array], rest: PyTree, static: PyTree, batched: bool
-) -> Callable[..., Array]:
-    """`(gram, *sample) -> (T,)` losses of one sample."""
+def per_sample_vector_fn(loss_fn: Callable[..., Array]) -> Callable[..., Array]:
+    """`vec(gram, *sample) -> (T,)`: the losses of one sample, from the batched
+    `loss_fn(gram, *batch) -> (B,)` or `(B, T)` called on a batch of one."""
 
     def vec(g, *sample):
-        model = eqx.combine(g, rest, static)
-        if batched:
-            sample = jtu.tree_map(lambda x: x[None], sample)
-            out = loss_fn(model, *sample)
-            if jnp.ndim(out) < 1 or out.shape[0] != 1:
-                raise ValueError(
-                    "With `batched=True`, `loss_fn` must return losses of shape (B,) "
-                    f"or (B, T); on a batch of 1 it returned shape {jnp.shape(out)}."
-                )
-        else:
-            out = loss_fn(model, *sample)
-        check_losses(out, "`loss_fn`")
-        out = out
-        if out.ndim > (2 if batched else 1):
+        out = loss_fn(g, *jtu.tree_map(lambda x: x[None], sample))
+        check_losses(out, "`fn`")
+        if out.ndim not in (1, 2) or out.shape[0] != 1:
             raise ValueError(
-                "Per-sample losses must be a scalar or a vector of tasks (T,) per "
-                f"sample; got shape {out.shape[1:] if batched else out.shape}."
+                "Per-sample losses: `fn` must return losses of shape (B,) or (B, T); "
+                f"on a batch of one it returned shape {out.shape}."
             )
         return jnp.reshape(out, (-1,))
 
     return vec
-
-
-def batched_losses(
-    loss_fn: Callable[..., Array], batched: bool, model: PyTree, batch: tuple, size: int
-) -> Array:
-    if batched:
-        losses = loss_fn(model, *batch)
-    else:
-        losses = jax.vmap(lambda *sample: loss_fn(model, *sample))(*batch)
-    check_losses(losses, "`loss_fn`")
-    losses = losses
-    if losses.ndim not in (1, 2) or losses.shape[0] != size:
-        raise ValueError(
-            f"The losses over the batch must have shape ({size},) or ({size}, T); "
-            f"got {losses.shape}."
-        )
-    return losses
 
 
 def per_sample_gramian(
@@ -181,12 +152,10 @@ def pairwise_gramian(chunk_rows, batch, size, tasks, dtype, c) -> Array:
 def independence_check(
     losses: Array,
     loss_fn: Callable[..., Array],
-    model_diff: PyTree,
-    static: PyTree,
     batch: tuple,
     vec: Callable[..., Array],
     gram: PyTree,
-    rtol: float,
+    rtol: float = 1e-6,
 ) -> Array:
     """Errors (at run time) if the batched losses or the gradient of sample 0 differ
     from the ones computed on a batch of one."""
@@ -195,7 +164,7 @@ def independence_check(
     flat = jnp.reshape(losses, single.shape)
 
     def first_loss_in_batch(g):
-        out = loss_fn(eqx.combine(g, model_diff, static), *batch)
+        out = loss_fn(g, *batch)
         return jnp.sum(jnp.reshape(out, (out.shape[0], -1))[0])
 
     g_batch = jax.grad(first_loss_in_batch)(gram)
@@ -216,6 +185,6 @@ def independence_check(
         bad,
         "The batch elements are not independent: the losses or the gradient of "
         "sample 0 computed on the whole batch differ from those on a batch of one "
-        "(e.g. BatchNorm in training mode). Use the generic path, "
-        "`eqxjd.value_and_gramian`.",
+        "(e.g. BatchNorm in training mode). Use `strategy=eqxjd.Gramian()`, which "
+        "assumes nothing.",
     )

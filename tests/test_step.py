@@ -1,5 +1,5 @@
-"""autojac (issue 5): Jacobians of loss vectors, aggregated updates, the multi-task
-helper and grouped aggregation."""
+"""Jacobians of loss vectors, the Jacobian-descent step with each strategy, the
+multi-task step and grouped aggregation."""
 
 import equinox as eqx
 import eqxjd
@@ -49,6 +49,9 @@ def losses_aux_fn(model, x, y):
 class _EMAWeighting(eqxjd.AbstractStatefulWeighting):
     """Test-only stateful Gramian weighting: EMA of 1/diag(G) weights."""
 
+    reads = "gramian"
+    differentiable = True
+
     def init(self, stat, /):
         m = stat.shape[0]
         return jnp.full((m,), 1 / m, stat.dtype)
@@ -64,18 +67,25 @@ class _EMAWeighting(eqxjd.AbstractStatefulWeighting):
 class _RandomWeighting(eqxjd.AbstractWeighting):
     """Test-only random weighting (needs a key)."""
 
+    reads = "rows"
+    differentiable = True
+
     def __call__(self, stat, /, *, key=None):
         if key is None:
             raise ValueError("this weighting needs a `key`.")
         return jr.uniform(key, (stat.shape[0],), stat.dtype)
 
 
+def _first_layer_only(leaf):
+    return eqx.is_array(leaf) and leaf.shape in ((3, 4), (3,))
+
+
 def stateful_agg():
-    return eqxjd.StatefulGramianWeightedAggregator(_EMAWeighting())
+    return eqxjd.StatefulWeightedAggregator(_EMAWeighting())
 
 
 def random_agg():
-    return eqxjd.GramianWeightedAggregator(_RandomWeighting())
+    return eqxjd.WeightedAggregator(_RandomWeighting())
 
 
 def _upgrad_works() -> bool:
@@ -190,9 +200,9 @@ def test_documented_examples():
 def test_documented_upgrad_example():
     p = jnp.array([1.0, 2.0])
     fn = lambda p: jnp.stack([jnp.array([-1.0, 1.0]) @ p, p @ p])
-    update, weights = eqxjd.jac_to_grad(eqxjd.filter_jac(fn)(p), eqxjd.UPGrad())
-    assert tree_allclose(update, jnp.array([0.5, 2.5]), rtol=1e-7)
-    assert tree_allclose(weights, jnp.array([0.5, 0.5]), rtol=1e-7)
+    out = eqxjd.aggregate(eqxjd.UPGrad(), eqxjd.filter_jac(fn)(p))
+    assert tree_allclose(out.update, jnp.array([0.5, 2.5]), rtol=1e-7)
+    assert tree_allclose(out.weights, jnp.array([0.5, 0.5]), rtol=1e-7)
 
 
 def test_float32(setup):
@@ -204,10 +214,10 @@ def test_float32(setup):
         model32, x.astype(jnp.float32), y.astype(jnp.float32)
     )
     assert all(leaf.dtype == jnp.float32 for leaf in jtu.tree_leaves(jac))
-    _, update = eqxjd.filter_value_and_aggregate(losses_fn, eqxjd.Mean())(
+    out = eqxjd.filter_value_and_aggregate(losses_fn, eqxjd.Mean())(
         model32, x.astype(jnp.float32), y.astype(jnp.float32)
     )
-    assert all(leaf.dtype == jnp.float32 for leaf in jtu.tree_leaves(update))
+    assert all(leaf.dtype == jnp.float32 for leaf in jtu.tree_leaves(out.update))
 
 
 # ------------------------------------------------------------------------------------
@@ -225,24 +235,27 @@ def _aggregators():
 @pytest.mark.parametrize("aggregator", _aggregators(), ids=lambda a: type(a).__name__)
 def test_update_equals_aggregating_explicit_jacobian(setup, aggregator):
     model, x, y = setup
-    step = eqxjd.filter_value_and_aggregate(losses_fn, aggregator, return_weights=True)
-    losses, update, weights = step(model, x, y)
+    step = eqxjd.filter_value_and_aggregate(losses_fn, aggregator)
+    out = step(model, x, y)
+    losses, update, weights = out.losses, out.update, out.weights
+    assert out.state is None and out.aux is None
     jac = explicit_jacobian(model, x, y)
     matrix = as_matrix(jac)
     expected = unflatten_like(aggregator(matrix), jac)
     assert tree_allclose(update, expected, rtol=1e-10, atol=1e-13)
     assert tree_allclose(weights, aggregator.weights(matrix), rtol=1e-10, atol=1e-13)
     assert tree_allclose(losses, losses_fn(model, x, y))
-    # Same through jac_to_grad on the Jacobian pytree.
-    update2, weights2 = eqxjd.jac_to_grad(jac, aggregator)
-    assert tree_allclose(update2, expected, rtol=1e-10, atol=1e-13)
-    assert tree_allclose(weights2, weights, rtol=1e-10, atol=1e-13)
+    # Same through eqxjd.aggregate on the Jacobian pytree.
+    out2 = eqxjd.aggregate(aggregator, jac)
+    assert tree_allclose(out2.update, expected, rtol=1e-10, atol=1e-13)
+    assert tree_allclose(out2.weights, weights, rtol=1e-10, atol=1e-13)
 
 
 def test_update_applies_and_leaves_non_trainable_untouched(setup):
     model, x, y = setup
     step = eqxjd.filter_value_and_aggregate(losses_fn, eqxjd.Mean())
-    losses, update = step(model, x, y)
+    out = step(model, x, y)
+    losses, update = out.losses, out.update
     assert update.counter is None and update.scale == 2.0
     new = eqx.apply_updates(model, jtu.tree_map(lambda u: -0.1 * u, update))
     assert new.counter is model.counter and new.scale == model.scale
@@ -259,23 +272,23 @@ def test_has_aux_and_kwargs(setup):
         return losses_aux_fn(model, x, y)
 
     step = eqxjd.filter_value_and_aggregate(fn, eqxjd.Mean(), has_aux=True)
-    (losses, aux), update = step(model, x, y=y)
-    assert tree_allclose(aux["total"], jnp.sum(losses))
+    out = step(model, x, y=y)
+    assert tree_allclose(out.aux["total"], jnp.sum(out.losses))
 
 
 def test_stateful_and_no_retrace(setup):
     model, x, y = setup
     agg = stateful_agg()
-    step = eqxjd.filter_value_and_aggregate(losses_fn, agg, return_weights=True)
+    step = eqxjd.filter_value_and_aggregate(losses_fn, agg)
     state = step.init(model, x, y)
     assert state.shape == (3,)
 
     @eqx.filter_jit
     @eqx.debug.assert_max_traces(max_traces=1)
     def train_step(model, state, x, y):
-        losses, update, weights, state = step(model, x, y, agg_state=state)
-        model = eqx.apply_updates(model, jtu.tree_map(lambda u: -0.1 * u, update))
-        return model, state, losses, weights
+        out = step(model, x, y, agg_state=state)
+        model = eqx.apply_updates(model, jtu.tree_map(lambda u: -0.1 * u, out.update))
+        return model, out.state, out.losses, out.weights
 
     # Reference: explicit loop over the same aggregator on explicit Jacobians.
     ref_model, ref_state = model, agg.init(as_matrix(explicit_jacobian(model, x, y)))
@@ -293,14 +306,12 @@ def test_stateful_and_no_retrace(setup):
 
 def test_random_aggregator(setup):
     model, x, y = setup
-    step = eqxjd.filter_value_and_aggregate(
-        losses_fn, random_agg(), return_weights=True
-    )
-    _, u1, w1 = eqx.filter_jit(step)(model, x, y, agg_key=jr.key(1))
-    _, u2, w2 = step(model, x, y, agg_key=jr.key(1))
-    _, _, w3 = step(model, x, y, agg_key=jr.key(2))
-    assert tree_allclose(u1, u2) and tree_allclose(w1, w2)
-    assert not jnp.allclose(w1, w3)
+    step = eqxjd.filter_value_and_aggregate(losses_fn, random_agg())
+    o1 = eqx.filter_jit(step)(model, x, y, agg_key=jr.key(1))
+    o2 = step(model, x, y, agg_key=jr.key(1))
+    o3 = step(model, x, y, agg_key=jr.key(2))
+    assert tree_allclose(o1.update, o2.update) and tree_allclose(o1.weights, o2.weights)
+    assert not jnp.allclose(o1.weights, o3.weights)
     with pytest.raises((TypeError, ValueError), match="key"):
         step(model, x, y)
 
@@ -367,12 +378,9 @@ def test_mtl_equals_per_loss_gradients(mtl_setup, per_task, chunk_size):
 def test_mtl_aggregate(mtl_setup):
     trunk, heads, x, y = mtl_setup
     agg = eqxjd.Constant(jnp.array([0.5, 0.2, 0.3]))
-    step = eqxjd.filter_mtl_value_and_aggregate(
-        mtl_features, mtl_losses, agg, return_weights=True
-    )
-    losses, (trunk_update, heads_update), weights = eqx.filter_jit(step)(
-        trunk, heads, x, y
-    )
+    step = eqxjd.filter_mtl_value_and_aggregate(mtl_features, mtl_losses, agg)
+    out = eqx.filter_jit(step)(trunk, heads, x, y)
+    (trunk_update, heads_update), weights = out.update, out.weights
     _, (shared_jac, heads_grad) = eqxjd.filter_mtl_value_and_jac(
         mtl_features, mtl_losses
     )(trunk, heads, x, y)
@@ -399,8 +407,9 @@ def test_mtl_stateful_pytree_features_and_aux(mtl_setup):
         features_fn, losses_fn, agg, has_aux=True
     )
     state = step.init(trunk, heads, x, y)
-    (losses, aux), (tu, hu), state2 = step(trunk, heads, x, y, agg_state=state)
-    assert tree_allclose(aux, jnp.sum(losses))
+    out = step(trunk, heads, x, y, agg_state=state)
+    (tu, _), state2 = out.update, out.state
+    assert tree_allclose(out.aux, jnp.sum(out.losses))
     jac_fn = eqxjd.filter_mtl_value_and_jac(features_fn, losses_fn, has_aux=True)
     _, (shared_jac, _) = jac_fn(trunk, heads, x, y)
     d, expected_state = agg(as_matrix(shared_jac), state)
@@ -426,7 +435,8 @@ def test_grouping_matches_separate_aggregations(setup):
     grouped = eqxjd.Grouped(
         (lambda m: m.layers[0], agg0), (lambda m: m.layers[1], agg1)
     )
-    update, weights = eqxjd.jac_to_grad(jac, grouped)
+    out = eqxjd.aggregate(grouped, jac)
+    update, weights = out.update, out.weights
     for layer, agg in zip(range(2), (agg0, agg1)):
         sub = jac.layers[layer]
         expected = unflatten_like(agg(as_matrix(sub)), sub)
@@ -439,15 +449,15 @@ def test_grouping_matches_separate_aggregations(setup):
     spec0 = eqx.tree_at(lambda m: m.layers[0], spec0, replace=True)
     spec1 = eqx.tree_at(lambda m: m.layers[1], jtu.tree_map(lambda _: False, jac), True)
     grouped2 = eqxjd.Grouped((spec0, agg0), (spec1, agg1))
-    update2, _ = eqxjd.jac_to_grad(jac, grouped2)
-    assert tree_allclose(update2, update)
+    assert tree_allclose(eqxjd.aggregate(grouped2, jac).update, update)
     # Per-tensor grouping with a tuple of nodes and the step transformation.
     grouped3 = eqxjd.Grouped(
         (lambda m: (m.layers[0].weight, m.layers[1].weight), agg0),
         (lambda m: (m.layers[0].bias, m.layers[1].bias), agg1),
     )
-    step = eqxjd.filter_value_and_aggregate(losses_fn, grouped3, return_weights=True)
-    _, update3, weights3 = step(model, x, y)
+    step = eqxjd.filter_value_and_aggregate(losses_fn, grouped3)
+    out3 = step(model, x, y)
+    update3, weights3 = out3.update, out3.weights
     sub = (jac.layers[0].weight, jac.layers[1].weight)
     expected = unflatten_like(agg0(as_matrix(sub)), sub)
     assert tree_allclose(update3.layers[1].weight, expected[1], rtol=1e-12)
@@ -462,9 +472,9 @@ def test_grouping_stateful_random(setup):
     step = eqxjd.filter_value_and_aggregate(losses_fn, grouped)
     state = step.init(model, x, y)
     assert state[1] is None and state[0].shape == (3,)
-    _, u1, s1 = step(model, x, y, agg_state=state, agg_key=jr.key(0))
-    _, u2, s2 = step(model, x, y, agg_state=state, agg_key=jr.key(0))
-    assert tree_allclose(u1, u2) and tree_allclose(s1, s2)
+    o1 = step(model, x, y, agg_state=state, agg_key=jr.key(0))
+    o2 = step(model, x, y, agg_state=state, agg_key=jr.key(0))
+    assert tree_allclose(o1.update, o2.update) and tree_allclose(o1.state, o2.state)
     with pytest.raises(ValueError, match="stateful"):
         step(model, x, y, agg_key=jr.key(0))
 
@@ -475,13 +485,13 @@ def test_grouping_errors(setup):
     mean = eqxjd.Mean()
     overlap = eqxjd.Grouped((lambda m: m.layers, mean), (lambda m: m.layers[0], mean))
     with pytest.raises(ValueError, match="disjoint"):
-        eqxjd.jac_to_grad(jac, overlap)
+        eqxjd.aggregate(overlap, jac)
     missing = eqxjd.Grouped((lambda m: m.layers[0], mean))
     with pytest.raises(ValueError, match="no group"):
-        eqxjd.jac_to_grad(jac, missing)
+        eqxjd.aggregate(missing, jac)
     wrong = eqxjd.Grouped((lambda m: m.missing_attribute, mean))
     with pytest.raises(ValueError, match="where"):
-        eqxjd.jac_to_grad(jac, wrong)
+        eqxjd.aggregate(wrong, jac)
     with pytest.raises(ValueError):
         eqxjd.Grouped()
     with pytest.raises((TypeError, ValueError)):
@@ -501,8 +511,9 @@ def test_bad_inputs(setup):
     integer = lambda m, x, y: jnp.arange(3)
     with pytest.raises(ValueError, match="scalar"):
         eqxjd.filter_value_and_aggregate(scalar, mean)(model, x, y)
-    with pytest.raises(ValueError, match="shape"):
-        eqxjd.filter_jac(matrix)(model, x, y)
+    # Losses of any shape: one row per entry, in the order of `losses.ravel()`.
+    rows = eqxjd.filter_jac(matrix)(model, x, y).layers[0].weight
+    assert rows.shape == (x.shape[0] * 3, 3, 4)
     with pytest.raises(ValueError, match="floating"):
         eqxjd.filter_jac(integer)(model, x, y)
     with pytest.raises(ValueError, match="2-tuple"):
@@ -523,21 +534,28 @@ def test_bad_inputs(setup):
         eqxjd.filter_value_and_aggregate(losses_fn, agg)(
             model, x, y, agg_state=jnp.ones(5)
         )
-    # Weights asked of an aggregator that has none.
-    no_weights = eqxjd.StatefulGramianWeightedAggregator(_EMAWeighting())
-    assert no_weights is not None
+    # Partial Jacobian descent needs weights for the other leaves.
+    partial = eqxjd.filter_value_and_aggregate(
+        losses_fn, eqxjd.TrimmedMean(trim_number=0), filter_spec=_first_layer_only
+    )
     with pytest.raises(ValueError, match="weights"):
-        from eqxjd._autojac import _check_weights
-
-        _check_weights(mean, None)
+        partial(model, x, y)
+    # Gramian strategies need a weighting that reads the Gramian.
+    for strategy in (eqxjd.Gramian(), eqxjd.PerSampleGramian()):
+        with pytest.raises(ValueError, match="Gramian"):
+            eqxjd.filter_value_and_aggregate(
+                losses_fn, eqxjd.ConFIG(), strategy=strategy
+            )(model, x, y)
+    with pytest.raises((TypeError, ValueError)):  # jaxtyping's hook may fire first
+        eqxjd.filter_value_and_aggregate(losses_fn, mean, strategy="gramian")
     # Jacobian pytrees with mismatched m, or no leaves.
     bad = {"a": jnp.zeros((2, 3)), "b": jnp.zeros((3, 3))}
     with pytest.raises(ValueError, match="leading"):
-        eqxjd.jac_to_grad(bad, mean)
+        eqxjd.aggregate(mean, bad)
     with pytest.raises(ValueError):
-        eqxjd.jac_to_grad({}, mean)
+        eqxjd.aggregate(mean, {})
     with pytest.raises(ValueError, match="stateful"):
-        eqxjd.jac_to_grad({"a": jnp.zeros((2, 3))}, stateful_agg())
+        eqxjd.aggregate(stateful_agg(), {"a": jnp.zeros((2, 3))})
     # MTL: features that are not floating arrays.
     with pytest.raises(ValueError, match="floating"):
         eqxjd.filter_mtl_value_and_jac(lambda t, x: jnp.arange(3), lambda h, f, x: f)(
@@ -577,7 +595,7 @@ def _sgd(tree, update, lr=0.1):
 @needs_upgrad
 @needs_reference
 def test_seed_example_matches_torchjd_trajectory(reference):
-    """TorchJD 0.18.0: 100 steps of backward + jac_to_grad(UPGrad) + SGD(0.1)."""
+    """TorchJD 0.18.0: 100 steps of backward + aggregate(UPGrad) + SGD(0.1)."""
     data = reference
     names = ("0.weight", "0.bias", "2.weight", "2.bias")
     w1, b1, w2, b2 = _ref_params(data, "basic/init", names)
@@ -590,7 +608,7 @@ def test_seed_example_matches_torchjd_trajectory(reference):
         return jnp.mean((jax.vmap(model)(x) - y) ** 2, axis=0)
 
     value_and_jac = eqxjd.filter_value_and_jac(fn)
-    step_fn = eqxjd.filter_value_and_aggregate(fn, eqxjd.UPGrad(), return_weights=True)
+    step_fn = eqxjd.filter_value_and_aggregate(fn, eqxjd.UPGrad())
     # Step 0: the Jacobian and the aggregated gradient.
     _, jac = value_and_jac(model, x, y)
     jac_leaves = [jac.layers[0].weight, jac.layers[0].bias, jac.layers[2].weight]
@@ -601,8 +619,8 @@ def test_seed_example_matches_torchjd_trajectory(reference):
     @eqx.filter_jit
     @eqx.debug.assert_max_traces(max_traces=1)
     def step(model):
-        losses, update, weights = step_fn(model, x, y)
-        return _sgd(model, update), losses, weights, update
+        out = step_fn(model, x, y)
+        return _sgd(model, out.update), out.losses, out.weights, out.update
 
     losses, weights = [], []
     for i in range(100):
@@ -629,7 +647,7 @@ def test_seed_example_matches_torchjd_trajectory(reference):
 @needs_upgrad
 @needs_reference
 def test_mtl_matches_torchjd_trajectory(reference):
-    """TorchJD 0.18.0: 20 steps of mtl_backward + jac_to_grad(UPGrad) + SGD(0.1)."""
+    """TorchJD 0.18.0: 20 steps of mtl_backward + aggregate(UPGrad) + SGD(0.1)."""
     data = reference
     tw, tb, h1w, h1b, h2w, h2b = _ref_params(
         data,
@@ -656,14 +674,15 @@ def test_mtl_matches_torchjd_trajectory(reference):
         return jnp.stack([jnp.mean((p1 - y[:, 0]) ** 2), jnp.mean((p2 - y[:, 1]) ** 2)])
 
     step_fn = eqxjd.filter_mtl_value_and_aggregate(
-        features_fn, losses_fn, eqxjd.UPGrad(), return_weights=True
+        features_fn, losses_fn, eqxjd.UPGrad()
     )
 
     @eqx.filter_jit
     @eqx.debug.assert_max_traces(max_traces=1)
     def step(trunk, heads):
-        losses, (tu, hu), weights = step_fn(trunk, heads, x, y)
-        return _sgd(trunk, tu), _sgd(heads, hu), losses, weights, (tu, hu)
+        out = step_fn(trunk, heads, x, y)
+        tu, hu = out.update
+        return _sgd(trunk, tu), _sgd(heads, hu), out.losses, out.weights, (tu, hu)
 
     losses, weights = [], []
     for i in range(20):
@@ -699,9 +718,9 @@ def test_documented_examples_reference(reference):
     jac = eqxjd.filter_jac(lambda p: jnp.stack([jnp.array([-1.0, 1.0]) @ p, p @ p]))(p)
     np.testing.assert_allclose(jac, data["doc1/jac"], rtol=1e-14)
     if UPGRAD_OK:
-        update, weights = eqxjd.jac_to_grad(jac, eqxjd.UPGrad())
-        np.testing.assert_allclose(update, data["doc1/grad"], rtol=1e-9)
-        np.testing.assert_allclose(weights, data["doc1/weights"], rtol=1e-9)
+        out = eqxjd.aggregate(eqxjd.UPGrad(), jac)
+        np.testing.assert_allclose(out.update, data["doc1/grad"], rtol=1e-9)
+        np.testing.assert_allclose(out.weights, data["doc1/weights"], rtol=1e-9)
     params = {"W": jnp.asarray(data["doc2/W"]), "b": jnp.asarray(data["doc2/b"])}
 
     def fn(params):
