@@ -16,11 +16,9 @@ from ._custom_types import ScalarLike
 
 def concrete(value: Any) -> np.ndarray | None:
     """`value` as a NumPy array if it is concrete (not traced), else `None`."""
-    if isinstance(value, jax.core.Tracer):
-        return None
     try:
         return np.asarray(value)
-    except Exception:  # pragma: no cover - exotic array types
+    except (jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError):
         return None
 
 

@@ -199,6 +199,8 @@ class DataParallel(AbstractStrategy):
             (updates,) = vjp(cotangent)
             return lax.psum(updates, axis_name)
 
+        diff = _place(mesh, diff, P())
+        batch = tuple(_place(mesh, b, P(axis_name)) for b in batch)
         losses, g = jax.shard_map(
             gramian_part,
             mesh=mesh,
@@ -208,9 +210,7 @@ class DataParallel(AbstractStrategy):
         )(diff, *batch)
 
         def vjp(cotangent):
-            local = jax.lax.with_sharding_constraint(
-                cotangent, NamedSharding(mesh, P(axis_name))
-            )
+            local = _place(mesh, cotangent, P(axis_name))
             return jax.shard_map(
                 update_part,
                 mesh=mesh,
@@ -223,9 +223,7 @@ class DataParallel(AbstractStrategy):
             return on_one_device(
                 lambda g, state, key: weigh(weighting, g, state, key),
                 mesh,
-                g,
-                state,
-                key,
+                *_place(mesh, (g, state, key), P()),
             )
 
         return Linearized(losses, None, None, symmetrize(g), vjp, weigh_on_one_device)

@@ -46,14 +46,14 @@ def make_step(aggregator, lr):
 
     @eqx.filter_jit
     def step(model, x, y):
-        losses, update = value_and_update(model, x, y)  # Jacobian, then UPGrad
-        model = eqx.apply_updates(model, jtu.tree_map(lambda u: -lr * u, update))
-        return model, losses
+        out = value_and_update(model, x, y)  # the Jacobian, then UPGrad
+        model = eqx.apply_updates(model, jtu.tree_map(lambda u: -lr * u, out.update))
+        return model, out.losses
 
     return step
 
 
-def save_plot(history, labels, name, title):
+def save_plot(history, labels, name, title, xlabel="step"):
     """Saves one curve per column of `history` to examples/output/<name>.png."""
     import matplotlib
 
@@ -64,7 +64,7 @@ def save_plot(history, labels, name, title):
     fig, ax = plt.subplots(figsize=(6, 4))
     for column, label in zip(np.asarray(history).T, labels):
         ax.plot(column, label=label)
-    ax.set_xlabel("step")
+    ax.set_xlabel(xlabel)
     ax.set_ylabel("loss")
     ax.set_title(title)
     ax.legend()

@@ -76,10 +76,9 @@ def main(steps=100, quick=False, seed=0, lr=0.1, plot=True):
 
         @eqx.filter_jit
         def step(model, x, y):
-            losses, update = value_and_update(model, x, y)
-            return eqx.apply_updates(
-                model, jtu.tree_map(lambda u: -lr * u, update)
-            ), losses
+            out = value_and_update(model, x, y)
+            update = jtu.tree_map(lambda u: -lr * u, out.update)
+            return eqx.apply_updates(model, update), out.losses
 
         model = make_model(kmodel, hidden)
         history = []

@@ -9,7 +9,6 @@ $\\nabla \\sum_{i,t} w_{it} \\ell_{it}$ covers the trunk AND the task heads (Tor
 with two `Linear(8, 1)` heads, batches of 16 samples, as in TorchJD's IWMTL example.
 """
 
-import functools as ft
 import pathlib
 import sys
 
@@ -48,8 +47,8 @@ class MultiTaskModel(eqx.Module):
 
 
 def task_losses(model, x, y):
-    """The T losses of ONE sample: shape (T,)."""
-    return (model(x) - y) ** 2
+    """One loss per sample and task: shape (batch, T)."""
+    return (jax.vmap(model)(x) - y) ** 2
 
 
 def trunk_only(model):
@@ -69,18 +68,17 @@ def main(epochs=20, quick=False, seed=0, lr=0.05, batches=8, batch_size=16, task
     w = jr.normal(kw, (10, tasks))
     y = jnp.tanh(x @ w) + 0.1 * x[..., :tasks]  # (batches, B, T): related tasks
     model = MultiTaskModel(kmodel, tasks)
-    value_and_update = ft.partial(
-        eqxjd.gramian_value_and_update,
+    value_and_update = eqxjd.filter_value_and_aggregate(
         task_losses,
-        eqxjd.UPGradWeighting(),
-        per_sample=True,
+        eqxjd.UPGrad(),
+        strategy=eqxjd.PerSampleGramian(),
         filter_spec=trunk_only(model),
     )
 
     @eqx.filter_jit
     def step(model, x, y):
         out = value_and_update(model, x, y)
-        model = eqx.apply_updates(model, jtu.tree_map(lambda u: -lr * u, out.updates))
+        model = eqx.apply_updates(model, jtu.tree_map(lambda u: -lr * u, out.update))
         return model, out
 
     history = []
@@ -91,10 +89,7 @@ def main(epochs=20, quick=False, seed=0, lr=0.05, batches=8, batch_size=16, task
             losses.append(out.losses)
         history.append(np.asarray(jnp.mean(jnp.stack(losses), axis=(0, 1))))
         if epoch == 0:
-            print(
-                f"losses {out.losses.shape}, Gramian {out.gramian.shape} (trunk only), "
-                f"weights {out.weights.shape}"
-            )
+            print(f"losses {out.losses.shape}, weights {out.weights.shape}")
         if epoch % max(epochs // 5, 1) == 0 or epoch == epochs - 1:
             per_task = "  ".join(
                 f"task {t}: {v:.5f}" for t, v in enumerate(history[-1])

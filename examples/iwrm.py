@@ -54,13 +54,15 @@ def make_step(method, lr):
 
         def value_and_update(model, x, y):
             (_, losses), grads = grad_fn(model, x, y)
-            return losses, grads
+            return eqxjd.Aggregated(
+                update=grads, weights=None, state=None, losses=losses
+            )
 
     @eqx.filter_jit
     def step(model, x, y):
-        losses, update = value_and_update(model, x, y)
-        model = eqx.apply_updates(model, jtu.tree_map(lambda u: -lr * u, update))
-        return model, losses
+        out = value_and_update(model, x, y)
+        model = eqx.apply_updates(model, jtu.tree_map(lambda u: -lr * u, out.update))
+        return model, out.losses
 
     return step
 
@@ -92,6 +94,7 @@ def main(epochs=30, quick=False, seed=0, lr=0.1, batches=8, batch_size=16, plot=
             ["IWRM (UPGrad)", "ERM (mean)"],
             "iwrm",
             "Mean training loss per epoch",
+            xlabel="epoch",
         )
         print(f"plot saved to {path}")
     return histories

@@ -1,16 +1,16 @@
 """Instance-wise risk minimisation (IWRM) through the Gramian ("autogram").
 
-One objective per training sample, as in `examples/iwrm.py`, but the per-sample
-Jacobian is never stored: [`eqxjd.gramian_value_and_update`][] with `per_sample=True`
-accumulates the `(B, B)` Gramian of the per-sample gradients chunk by chunk, computes
-UPGrad's weights from it and returns the update $\\nabla \\sum_i w_i \\ell_i$ as one
-VJP (TorchJD: `Engine(model, batch_dim=0)`, `UPGradWeighting()(G)`,
-`losses.backward(weights)`). Compared with ERM (SGD on the average loss) on the data of
-TorchJD's IWRM example (8 batches of 16 samples, `Linear(10, 5) -> ReLU -> Linear(5,
-1)`, SGD 0.1).
+One objective per training sample, as in `examples/iwrm.py`, with the same loss
+function and the same step: only the strategy changes.
+`strategy=eqxjd.PerSampleGramian(chunk_size=...)` never stores the per-sample
+Jacobian: it accumulates the `(B, B)` Gramian of the per-sample gradients chunk by
+chunk, computes UPGrad's weights from it and returns the update
+$\\nabla \\sum_i w_i \\ell_i$ as one VJP (TorchJD: `Engine(model, batch_dim=0)`,
+`UPGradWeighting()(G)`, `losses.backward(weights)`). Compared with ERM (SGD on the
+average loss) on the data of TorchJD's IWRM example (8 batches of 16 samples,
+`Linear(10, 5) -> ReLU -> Linear(5, 1)`, SGD 0.1).
 """
 
-import functools as ft
 import pathlib
 
 import equinox as eqx
@@ -36,43 +36,34 @@ def make_model(key, hidden=5):
     )
 
 
-def sample_loss(model, x, y):
-    """The loss of ONE sample (a scalar): the Gramian path vmaps it over the batch."""
-    return (model(x)[0] - y) ** 2
+def per_sample_losses(model, x, y):
+    """One squared error per sample: shape (batch,)."""
+    return (jax.vmap(model)(x)[:, 0] - y) ** 2
 
 
 def make_step(method, lr, chunk_size):
     if method == "iwrm":
         # chunk_size samples' gradients alive at once (None: the whole batch).
-        value_and_update = ft.partial(
-            eqxjd.gramian_value_and_update,
-            sample_loss,
-            eqxjd.UPGradWeighting(),
-            per_sample=True,
-            chunk_size=chunk_size,
+        strategy = eqxjd.PerSampleGramian(chunk_size=chunk_size)
+        value_and_update = eqxjd.filter_value_and_aggregate(
+            per_sample_losses, eqxjd.UPGrad(), strategy=strategy
         )
     else:
-
-        def mean_loss(model, x, y):
-            losses = jax.vmap(sample_loss, in_axes=(None, 0, 0))(model, x, y)
-            return jnp.mean(losses), losses
-
-        grad_fn = eqx.filter_value_and_grad(mean_loss, has_aux=True)
-
-        def value_and_update(model, x, y):
-            (_, losses), grads = grad_fn(model, x, y)
-            return eqxjd.GramianUpdate(losses, losses, grads, jnp.zeros(()), None)
+        # The same step with `eqxjd.Mean()` is SGD on the average loss.
+        value_and_update = eqxjd.filter_value_and_aggregate(
+            per_sample_losses, eqxjd.Mean()
+        )
 
     @eqx.filter_jit
     def step(model, x, y):
         out = value_and_update(model, x, y)
-        model = eqx.apply_updates(model, jtu.tree_map(lambda u: -lr * u, out.updates))
+        model = eqx.apply_updates(model, jtu.tree_map(lambda u: -lr * u, out.update))
         return model, out.losses
 
     return step
 
 
-def save_plot(histories, name, title):
+def save_plot(histories, name, title, xlabel="epoch"):
     import matplotlib
 
     matplotlib.use("Agg")
@@ -82,7 +73,7 @@ def save_plot(histories, name, title):
     fig, ax = plt.subplots(figsize=(5, 3.5))
     for label, history in histories.items():
         ax.plot(np.asarray(history), label=label)
-    ax.set_xlabel("epoch")
+    ax.set_xlabel(xlabel)
     ax.set_ylabel("loss")
     ax.set_title(title)
     ax.legend()

@@ -3,7 +3,7 @@ aggregated update and the mean gradient, at every step.
 
 TorchJD does this with hooks on the aggregator. In eqxjd the Jacobian, the update and
 the weights are ordinary return values: [`eqxjd.filter_value_and_jac`][] gives the
-Jacobian pytree and [`eqxjd.jac_to_grad`][] aggregates it and returns the weights.
+Jacobian pytree and [`eqxjd.aggregate`][] aggregates it and returns the weights.
 """
 
 import pathlib
@@ -31,7 +31,8 @@ def make_step(aggregator, lr):
     @eqx.filter_jit
     def step(model, x, y):
         losses, jac = value_and_jac(model, x, y)
-        update, weights = eqxjd.jac_to_grad(jac, aggregator)
+        out = eqxjd.aggregate(aggregator, jac)
+        update, weights = out.update, out.weights
         mean_grad = jtu.tree_map(lambda leaf: jnp.mean(leaf, axis=0), jac)
         a, g = flat(update), flat(mean_grad)
         cosine = a @ g / (jnp.linalg.norm(a) * jnp.linalg.norm(g))

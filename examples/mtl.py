@@ -89,7 +89,8 @@ def train(method, trunk, heads, train_data, steps, lr):
         )
 
         def value_and_update(trunk, heads, *data):
-            return step_fn(trunk, heads, *data)
+            out = step_fn(trunk, heads, *data)
+            return out.losses, out.update
 
     else:
 

@@ -3,7 +3,8 @@
 Instance-wise risk minimisation as in `iwrm.py`, but the Jacobian (hence the Gramian
 and the [`eqxjd.UPGrad`][] weights) is taken with respect to the last layers of the
 network only, which is cheaper for a large network. All parameters are then updated
-along the gradient of $\\sum_i w_i L_i$ (TorchJD's `Engine(model[2:])` example).
+along the gradient of $\\sum_i w_i L_i$. The `filter_spec` plays the part of the
+modules given to TorchJD's `Engine` (its `Engine(model[2:])` example).
 """
 
 import pathlib
@@ -39,30 +40,24 @@ def per_sample_losses(model, x, y):
     return (jax.vmap(model)(x)[:, 0] - y) ** 2
 
 
-def split_last(model):
-    """(last layers, the rest): the filter spec selects the last two linear layers."""
+def last_layers(model):
+    """A filter spec (as in `eqx.partition`) selecting the last two linear layers."""
     spec = jtu.tree_map(lambda _: False, model)
-    spec = eqx.tree_at(lambda m: (m.layers[2], m.layers[4]), spec, replace=(True, True))
-    return eqx.partition(model, spec)
+    return eqx.tree_at(lambda m: (m.layers[2], m.layers[4]), spec, replace=(True, True))
 
 
-def make_step(lr, aggregator):
-    def last_losses(last, rest, x, y):
-        return per_sample_losses(eqx.combine(last, rest), x, y)
-
-    jac_fn = eqxjd.filter_value_and_jac(last_losses)
+def make_step(lr, aggregator, spec):
+    # The Jacobian w.r.t. the selected layers gives the weights; every parameter is
+    # updated along the gradient of w^T L.
+    value_and_update = eqxjd.filter_value_and_aggregate(
+        per_sample_losses, aggregator, filter_spec=spec
+    )
 
     @eqx.filter_jit
     def step(model, x, y):
-        last, rest = split_last(model)
-        # Jacobian w.r.t. the last layers only (`rest` is not differentiated).
-        losses, jac = jac_fn(last, rest, x, y)
-        _, weights = eqxjd.jac_to_grad(jac, aggregator)
-        weights = jax.lax.stop_gradient(weights)
-        # One backward pass for all parameters: the gradient of w^T L.
-        grads = eqx.filter_grad(lambda m: weights @ per_sample_losses(m, x, y))(model)
-        model = eqx.apply_updates(model, jtu.tree_map(lambda g: -lr * g, grads))
-        return model, losses, weights
+        out = value_and_update(model, x, y)
+        model = eqx.apply_updates(model, jtu.tree_map(lambda g: -lr * g, out.update))
+        return model, out.losses, out.weights
 
     return step
 
@@ -75,7 +70,7 @@ def main(epochs=30, quick=False, seed=0, lr=0.05, batches=8, batch_size=16, plot
     x = jr.normal(kx, (batches, batch_size, 10))
     y = jr.normal(ky, (batches, batch_size))
     model = make_model(kmodel)
-    step = make_step(lr, eqxjd.UPGrad())
+    step = make_step(lr, eqxjd.UPGrad(), last_layers(model))
     history = []
     for epoch in range(epochs):
         losses = []
@@ -91,7 +86,11 @@ def main(epochs=30, quick=False, seed=0, lr=0.05, batches=8, batch_size=16, plot
     history = np.asarray(history)[:, None]
     if plot:
         path = save_plot(
-            history, ["mean loss"], "partial_jd", "Partial JD (last layers)"
+            history,
+            ["mean loss"],
+            "partial_jd",
+            "Partial JD (last layers)",
+            xlabel="epoch",
         )
         print(f"plot saved to {path}")
     return history

@@ -1,11 +1,12 @@
 """Data-parallel instance-wise risk minimisation on a device mesh.
 
-The batch is split over the devices of a mesh axis;
-[`eqxjd.data_parallel_value_and_update`][] computes each device's per-sample Jacobians,
-forms the Gramian blocks by passing them around a ring of devices, all-gathers the
-`(B, B)` Gramian, computes the weights from the replicated Gramian and sums the
-devices' VJPs. The full `(B, n)` Jacobian exists nowhere. The same step on one device
-([`eqxjd.gramian_value_and_update`][]) gives the same numbers.
+The batch is split over the devices of a mesh axis: the step of
+`examples/iwrm_gramian.py` with `strategy=eqxjd.DataParallel(mesh, "data")` computes
+each device's per-sample Jacobians, forms the Gramian blocks by passing them around a
+ring of devices, all-gathers the `(B, B)` Gramian, computes the weights from the
+replicated Gramian and sums the devices' VJPs. The full `(B, n)` Jacobian exists
+nowhere. The same step on one device (`strategy=eqxjd.PerSampleGramian()`) gives the
+same numbers.
 
 Run as a script, it asks XLA for 8 CPU devices (set before JAX starts); imported into a
 process where JAX already runs, it uses the devices it finds.
@@ -17,7 +18,6 @@ import os
 if "jax" not in __import__("sys").modules:
     os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 
-import functools as ft
 import pathlib
 import sys
 
@@ -31,7 +31,7 @@ import numpy as np
 
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
-from iwrm_gramian import make_model, sample_loss, save_plot  # noqa: E402
+from iwrm_gramian import make_model, per_sample_losses, save_plot  # noqa: E402
 
 
 def main(steps=60, quick=False, seed=0, lr=0.1, batch_size=32):
@@ -50,19 +50,19 @@ def main(steps=60, quick=False, seed=0, lr=0.1, batch_size=32):
     )
     x = jax.device_put(x_host, batch_sharding)
     y = jax.device_put(y_host, batch_sharding)
-    weighting = eqxjd.UPGradWeighting()
+    data_parallel = eqxjd.filter_value_and_aggregate(
+        per_sample_losses, eqxjd.UPGrad(), strategy=eqxjd.DataParallel(mesh, "data")
+    )
 
     @eqx.filter_jit
     def step(model, x, y):
-        out = eqxjd.data_parallel_value_and_update(
-            sample_loss, weighting, model, x, y, mesh=mesh, axis_name="data"
-        )
-        model = eqx.apply_updates(model, jtu.tree_map(lambda u: -lr * u, out.updates))
+        out = data_parallel(model, x, y)
+        model = eqx.apply_updates(model, jtu.tree_map(lambda u: -lr * u, out.update))
         return model, out
 
     single = eqx.filter_jit(
-        ft.partial(
-            eqxjd.gramian_value_and_update, sample_loss, weighting, per_sample=True
+        eqxjd.filter_value_and_aggregate(
+            per_sample_losses, eqxjd.UPGrad(), strategy=eqxjd.PerSampleGramian()
         )
     )
     model = make_model(kmodel)
@@ -92,6 +92,7 @@ def main(steps=60, quick=False, seed=0, lr=0.1, batch_size=32):
         {"data-parallel IWRM (UPGrad)": history[:, 0]},
         "sharded_iwrm",
         f"IWRM on {devices} device(s)",
+        xlabel="step",
     )
     print(f"plot saved to {path}")
     return history

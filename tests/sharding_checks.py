@@ -51,28 +51,38 @@ def _rel(x, y) -> float:
 
 
 class _SoftminWeighting(eqxjd.AbstractWeighting):
+    reads = "gramian"
+    differentiable = True
+
     def __call__(self, stat, /, *, key=None):
         scores = stat @ jnp.ones(stat.shape[0], stat.dtype) / jnp.trace(stat)
         return jax.nn.softmax(-scores)
 
 
-def _weightings():
-    # Two weightings that read the Gramian and one that ignores it. UPGrad's solver
-    # makes batched LAPACK calls that, run by every device at once, used to deadlock
-    # XLA's CPU thread pool.
+def _aggregators():
+    # A weighting that reads the Gramian, and UPGrad, whose solver makes batched
+    # LAPACK calls that, run by every device at once, used to deadlock XLA's CPU
+    # thread pool.
     return {
-        "softmin": _SoftminWeighting(),
-        "upgrad": eqxjd.UPGradWeighting(),
-        "mean": eqxjd.MeanWeighting(),
+        "softmin": eqxjd.WeightedAggregator(_SoftminWeighting()),
+        "upgrad": eqxjd.UPGrad(),
     }
 
 
-def _sample_loss(model, x, y):
-    return jnp.sum((model(x) - y) ** 2)
+def _sample_losses(model, xs, ys):
+    return jnp.sum((jax.vmap(model)(xs) - ys) ** 2, axis=1)
 
 
-def _task_losses(model, x, y):
-    return (model(x) - y) ** 2
+def _task_losses(model, xs, ys):
+    return (jax.vmap(model)(xs) - ys) ** 2
+
+
+def _step(fn, aggregator, strategy, filter_spec=True):
+    return eqx.filter_jit(
+        eqxjd.filter_value_and_aggregate(
+            fn, aggregator, strategy=strategy, filter_spec=filter_spec
+        )
+    )
 
 
 def main() -> dict[str, float]:
@@ -92,45 +102,31 @@ def main() -> dict[str, float]:
     )
 
     # 1. Data parallel (batch split over devices), explicit shard_map ring version.
-    weightings = _weightings()
+    aggregators = _aggregators()
+    data_parallel = eqxjd.DataParallel(mesh, "data")
     # iwmtl has m = 32 objectives: UPGrad's batched Cholesky is then large enough for
     # jaxlib to split it over the thread pool (the case that deadlocked).
     cases = [
         (tag, loss, name, filt)
         for tag, loss, filt in (
-            ("iwrm", _sample_loss, True),
+            ("iwrm", _sample_losses, True),
             ("iwmtl", _task_losses, True),
-            ("iwrm_partial", _sample_loss, spec),
+            ("iwrm_partial", _sample_losses, spec),
         )
         for name in ("softmin", "upgrad")
     ]
     for tag, loss, name, filt in cases:
-        weighting = weightings[name]
-        single = eqx.filter_jit(eqxjd.gramian_value_and_update)(
-            loss, weighting, model, xs, ys, per_sample=True, filter_spec=filt
-        )
-        multi = eqx.filter_jit(eqxjd.data_parallel_value_and_update)(
-            loss,
-            weighting,
-            model,
-            xs,
-            ys,
-            mesh=mesh,
-            axis_name="data",
-            filter_spec=filt,
-        )
+        aggregator = aggregators[name]
+        per_sample = eqxjd.PerSampleGramian()
+        single = _step(loss, aggregator, per_sample, filt)(model, xs, ys)
+        multi = _step(loss, aggregator, data_parallel, filt)(model, xs, ys)
         results[f"data_parallel/{tag}/{name}"] = _rel(multi, single)
         _log(f"{tag}/{name}")
     # Inputs already placed on the mesh stay sharded.
     shard = NamedSharding(mesh, P("data"))
-    multi = eqxjd.data_parallel_value_and_update(
-        _sample_loss,
-        _SoftminWeighting(),
-        model,
-        jax.device_put(xs, shard),
-        jax.device_put(ys, shard),
-        mesh=mesh,
-        axis_name="data",
+    softmin = aggregators["softmin"]
+    multi = _step(_sample_losses, softmin, data_parallel)(
+        model, jax.device_put(xs, shard), jax.device_put(ys, shard)
     )
     assert multi.losses.sharding.spec[0] == "data", multi.losses.sharding
     assert len(multi.losses.sharding.device_set) == 8
@@ -139,15 +135,8 @@ def main() -> dict[str, float]:
     #    mesh with Auto axes (XLA partitions it).
     auto_mesh = jax.make_mesh((8,), ("data",), axis_types=(AxisType.Auto,))
     shard = NamedSharding(auto_mesh, P("data"))
-    weighting = _SoftminWeighting()
-    single = eqx.filter_jit(eqxjd.gramian_value_and_update)(
-        _sample_loss, weighting, model, xs, ys, per_sample=True, chunk_size=4
-    )
-    step = eqx.filter_jit(
-        lambda m, x, y: eqxjd.gramian_value_and_update(
-            _sample_loss, weighting, m, x, y, per_sample=True, chunk_size=4
-        )
-    )
+    step = _step(_sample_losses, softmin, eqxjd.PerSampleGramian(chunk_size=4))
+    single = step(model, xs, ys)
     multi = step(model, jax.device_put(xs, shard), jax.device_put(ys, shard))
     results["gspmd/batch_sharded"] = _rel(multi, single)
     _log('"gspmd/batch_sharded"')
@@ -171,54 +160,41 @@ def main() -> dict[str, float]:
     results["gspmd/param_sharded"] = _rel(multi, single)
     _log('"gspmd/param_sharded"')
 
-    def batched(m, xs, ys):
-        return jax.vmap(_sample_loss, in_axes=(None, 0, 0))(m, xs, ys)
-
-    single = eqx.filter_jit(eqxjd.value_and_gramian)(
-        batched, model, xs, ys, chunk_size=4
+    gramian = eqx.filter_jit(
+        eqxjd.filter_value_and_gramian(
+            _sample_losses, strategy=eqxjd.Gramian(chunk_size=4)
+        )
     )
-    multi = eqx.filter_jit(
-        lambda m: eqxjd.value_and_gramian(batched, m, xs, ys, chunk_size=4)
-    )(sharded_model)
+    single = gramian(model, xs, ys)
+    multi = gramian(sharded_model, xs, ys)
     results["gspmd/param_sharded_generic"] = _rel(multi, single)
     _log('"gspmd/param_sharded_generic"')
 
     # 4. Aggregators on a Jacobian sharded along its columns (parameters).
     jac = jr.normal(k4, (5, 64), jnp.float64)
     jac_sharded = jax.device_put(jac, NamedSharding(auto_mesh, P(None, "data")))
-    aggregators = {
-        "mean": eqxjd.Mean(),
-        "softmin": eqxjd.WeightedAggregator(_SoftminWeighting()),
-        "upgrad": eqxjd.UPGrad(),
-    }
+    aggregators = dict(_aggregators(), mean=eqxjd.Mean())
     for name, aggregator in aggregators.items():
         single = aggregator(jac)
         multi = eqx.filter_jit(aggregator)(jac_sharded)
         results[f"aggregator_param_sharded/{name}"] = _rel(multi, single)
         _log(f"aggregator_param_sharded/{name}")
     results["sharded_gramian"] = _rel(
-        eqxjd.sharded_gramian(jac, mesh, "data"), eqxjd.gramian(jac)
+        eqxjd.sharded_gramian(jac, mesh, "data"), jac @ jac.T
     )
     results["sharded_gramian_jit"] = _rel(
         jax.jit(lambda j: eqxjd.sharded_gramian(j, mesh, "data"))(
             jax.device_put(jac, NamedSharding(mesh, P(None, "data")))
         ),
-        eqxjd.gramian(jac),
+        jac @ jac.T,
     )
 
     # 5. Clear errors.
     for bad in (
         lambda: eqxjd.sharded_gramian(jac[:, :60], mesh, "data"),
         lambda: eqxjd.sharded_gramian(jac, mesh, "model"),
-        lambda: eqxjd.data_parallel_value_and_update(
-            _sample_loss,
-            weighting,
-            model,
-            xs[:12],
-            ys[:12],
-            mesh=mesh,
-            axis_name="data",
-        ),
+        lambda: _step(_sample_losses, softmin, data_parallel)(model, xs[:12], ys[:12]),
+        lambda: eqxjd.DataParallel(mesh, "model"),
     ):
         try:
             bad()

@@ -21,6 +21,9 @@ _SCRIPT = pathlib.Path(__file__).parent / "sharding_checks.py"
 def results() -> dict[str, float]:
     env = dict(os.environ)
     env["JAX_PLATFORMS"] = "cpu"
+    # The checkout's eqxjd, whether or not it is the installed one.
+    root = str(_SCRIPT.parent.parent)
+    env["PYTHONPATH"] = os.pathsep.join([root, env.get("PYTHONPATH", "")])
     proc = subprocess.run(
         [sys.executable, str(_SCRIPT)],
         capture_output=True,
