@@ -3,7 +3,8 @@
 Instance-wise risk minimisation (one loss per sample) with UPGrad on an MLP
 784 -> 1024 -> 512 -> 10 (1,333,770 parameters, float32, CPU), at batch 64, 256, 1024:
 
-- `gramian`: `eqxjd.gramian_value_and_update(..., per_sample=True, chunk_size=32)`:
+- `gramian`: `eqxjd.filter_value_and_aggregate(...,
+  strategy=eqxjd.PerSampleGramian(chunk_size=32))`:
   per-sample gradients of 32 samples at a time, G's entries from JVPs in their
   directions (dense model: the forward strategy), the update as one VJP. The (B, n)
   Jacobian is never formed.
@@ -84,30 +85,38 @@ def _jax_worker(path: str, batch: int, reps: int, run: bool) -> dict:
         logits = model(x)
         return jax.nn.logsumexp(logits) - logits[y]
 
+    def per_sample_losses(model, xs, ys):
+        return jax.vmap(sample_loss, in_axes=(None, 0, 0))(model, xs, ys)
+
     class _CheapWeighting(eqxjd.AbstractWeighting):
         # Reads G (so XLA cannot drop its computation) at O(m^2) cost.
+        reads = "gramian"
+        differentiable = True
+
         def __call__(self, stat, /, *, key=None):
             scores = stat @ jnp.ones(stat.shape[0], stat.dtype) / jnp.trace(stat)
             return jax.nn.softmax(-scores)
 
     cheap = os.environ.get("BENCH_CHEAP")
     weighting = _CheapWeighting() if cheap else eqxjd.UPGradWeighting()
+    aggregator = eqxjd.WeightedAggregator(weighting)
     if path == "gramian":
+        strategy = eqxjd.PerSampleGramian(chunk_size=CHUNK)
+        step_fn = eqxjd.filter_value_and_aggregate(
+            per_sample_losses, aggregator, strategy=strategy
+        )
 
         def step_(model, x, y):
-            out = eqxjd.gramian_value_and_update(
-                sample_loss, weighting, model, x, y, per_sample=True, chunk_size=CHUNK
-            )
-            return out.updates, out.weights
+            out = step_fn(model, x, y)
+            return out.update, out.weights
 
     else:
-        aggregator = eqxjd.GramianWeightedAggregator(weighting)
 
         def step_(model, x, y):
             grads = jax.vmap(eqx.filter_grad(sample_loss), in_axes=(None, 0, 0))(
                 model, x, y
             )
-            return eqxjd.aggregate(aggregator, grads), None
+            return eqxjd.aggregate(aggregator, grads).update, None
 
     params, static = eqx.partition(model, eqx.is_array)
     step = jax.jit(lambda p, x, y: step_(eqx.combine(p, static), x, y))

@@ -102,10 +102,9 @@ def seed_example(steps, seed=0):
 
     @eqx.filter_jit
     def jax_step(model, x, y):
-        losses, update = value_and_update(model, x, y)
-        return eqx.apply_updates(
-            model, jtu.tree_map(lambda u: -0.1 * u, update)
-        ), losses
+        out = value_and_update(model, x, y)
+        update = jtu.tree_map(lambda u: -0.1 * u, out.update)
+        return eqx.apply_updates(model, update), out.losses
 
     jax.block_until_ready(jax_step(model, xj, yj))  # compile (a throw-away step)
     state = {"model": model}
