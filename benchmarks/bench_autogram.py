@@ -3,10 +3,10 @@
 Instance-wise risk minimisation (one loss per sample) with UPGrad on an MLP
 784 -> 1024 -> 512 -> 10 (1,333,770 parameters, float32, CPU), at batch 64, 256, 1024:
 
-- `gramian`: `eqxjd.gramian_value_and_update(..., per_sample=True, chunk_size=32)`:
-  per-sample gradients of 32 samples at a time, G's entries from JVPs in their
-  directions (dense model: the forward strategy), the update as one VJP. The (B, n)
-  Jacobian is never formed.
+- `gramian`: `eqxjd.filter_value_and_aggregate(losses, eqxjd.UPGrad(),
+  strategy=eqxjd.PerSampleGramian(chunk_size=32))`: per-sample gradients of 32 samples
+  at a time, G's entries from JVPs in their directions (dense model: the forward
+  strategy), the update as one VJP. The (B, n) Jacobian is never formed.
 - `full_jac`: the per-sample Jacobian (B, n) from `jax.vmap(jax.grad(...))`, then
   `eqxjd.aggregate(eqxjd.UPGrad(), J)` (the autojac path).
 - `torchjd`: `torchjd.autogram.Engine(model, batch_dim=0)`, `UPGradWeighting()(G)`,
@@ -22,7 +22,10 @@ RSS after imports and data creation. Time: median wall time of `--reps` jitted c
 after one warm-up call.
 
     python benchmarks/bench_autogram.py [--batches 64 256 1024] [--reps 3]
-        [--torch-python /path/to/python]
+        [--torch-python PYTHON]
+
+`--torch-python` names a Python interpreter that has torch and torchjd (default: this
+one, if it has them).
 """
 
 import os
@@ -39,6 +42,7 @@ import statistics
 import subprocess
 import sys
 import time
+from typing import ClassVar
 
 
 SIZES = (784, 1024, 512, 10)
@@ -86,28 +90,35 @@ def _jax_worker(path: str, batch: int, reps: int, run: bool) -> dict:
 
     class _CheapWeighting(eqxjd.AbstractWeighting):
         # Reads G (so XLA cannot drop its computation) at O(m^2) cost.
+        reads: ClassVar[str] = "gramian"
+        differentiable: ClassVar[bool] = False
+
         def __call__(self, stat, /, *, key=None):
             scores = stat @ jnp.ones(stat.shape[0], stat.dtype) / jnp.trace(stat)
             return jax.nn.softmax(-scores)
 
     cheap = os.environ.get("BENCH_CHEAP")
     weighting = _CheapWeighting() if cheap else eqxjd.UPGradWeighting()
+    aggregator = eqxjd.WeightedAggregator(weighting)
     if path == "gramian":
+        per_sample_losses = jax.vmap(sample_loss, in_axes=(None, 0, 0))
+        value_and_aggregate = eqxjd.filter_value_and_aggregate(
+            per_sample_losses,
+            aggregator,
+            strategy=eqxjd.PerSampleGramian(chunk_size=CHUNK),
+        )
 
         def step_(model, x, y):
-            out = eqxjd.gramian_value_and_update(
-                sample_loss, weighting, model, x, y, per_sample=True, chunk_size=CHUNK
-            )
-            return out.updates, out.weights
+            out = value_and_aggregate(model, x, y)
+            return out.update, out.weights
 
     else:
-        aggregator = eqxjd.GramianWeightedAggregator(weighting)
 
         def step_(model, x, y):
             grads = jax.vmap(eqx.filter_grad(sample_loss), in_axes=(None, 0, 0))(
                 model, x, y
             )
-            return eqxjd.aggregate(aggregator, grads), None
+            return eqxjd.aggregate(aggregator, grads).update, None
 
     params, static = eqx.partition(model, eqx.is_array)
     step = jax.jit(lambda p, x, y: step_(eqx.combine(p, static), x, y))
@@ -189,10 +200,7 @@ def _subprocess(python: str, args: list[str]) -> dict | None:
 
 
 def _torch_python(explicit: str | None) -> str | None:
-    candidates = (
-        [explicit] if explicit else [sys.executable, "/work/torchvenv/bin/python"]
-    )
-    for python in candidates:
+    for python in [explicit or sys.executable]:
         if python and os.path.exists(python):
             check = subprocess.run(
                 [python, "-c", "import torch, torchjd"], capture_output=True
