@@ -3,11 +3,10 @@
 Instance-wise risk minimisation (one loss per sample) with UPGrad on an MLP
 784 -> 1024 -> 512 -> 10 (1,333,770 parameters, float32, CPU), at batch 64, 256, 1024:
 
-- `gramian`: `eqxjd.filter_value_and_aggregate(...,
-  strategy=eqxjd.PerSampleGramian(chunk_size=32))`:
-  per-sample gradients of 32 samples at a time, G's entries from JVPs in their
-  directions (dense model: the forward strategy), the update as one VJP. The (B, n)
-  Jacobian is never formed.
+- `gramian`: `eqxjd.filter_value_and_aggregate(losses, eqxjd.UPGrad(),
+  strategy=eqxjd.PerSampleGramian(chunk_size=32))`: per-sample gradients of 32 samples
+  at a time, G's entries from JVPs in their directions (dense model: the forward
+  strategy), the update as one VJP. The (B, n) Jacobian is never formed.
 - `full_jac`: the per-sample Jacobian (B, n) from `jax.vmap(jax.grad(...))`, then
   `eqxjd.aggregate(eqxjd.UPGrad(), J)` (the autojac path).
 - `torchjd`: `torchjd.autogram.Engine(model, batch_dim=0)`, `UPGradWeighting()(G)`,
@@ -23,7 +22,10 @@ RSS after imports and data creation. Time: median wall time of `--reps` jitted c
 after one warm-up call.
 
     python benchmarks/bench_autogram.py [--batches 64 256 1024] [--reps 3]
-        [--torch-python /path/to/python]
+        [--torch-python PYTHON]
+
+`--torch-python` names a Python interpreter that has torch and torchjd (default: this
+one, if it has them).
 """
 
 import os
@@ -40,6 +42,7 @@ import statistics
 import subprocess
 import sys
 import time
+from typing import ClassVar
 
 
 SIZES = (784, 1024, 512, 10)
@@ -85,13 +88,10 @@ def _jax_worker(path: str, batch: int, reps: int, run: bool) -> dict:
         logits = model(x)
         return jax.nn.logsumexp(logits) - logits[y]
 
-    def per_sample_losses(model, xs, ys):
-        return jax.vmap(sample_loss, in_axes=(None, 0, 0))(model, xs, ys)
-
     class _CheapWeighting(eqxjd.AbstractWeighting):
         # Reads G (so XLA cannot drop its computation) at O(m^2) cost.
-        reads = "gramian"
-        differentiable = True
+        reads: ClassVar[str] = "gramian"
+        differentiable: ClassVar[bool] = False
 
         def __call__(self, stat, /, *, key=None):
             scores = stat @ jnp.ones(stat.shape[0], stat.dtype) / jnp.trace(stat)
@@ -101,13 +101,15 @@ def _jax_worker(path: str, batch: int, reps: int, run: bool) -> dict:
     weighting = _CheapWeighting() if cheap else eqxjd.UPGradWeighting()
     aggregator = eqxjd.WeightedAggregator(weighting)
     if path == "gramian":
-        strategy = eqxjd.PerSampleGramian(chunk_size=CHUNK)
-        step_fn = eqxjd.filter_value_and_aggregate(
-            per_sample_losses, aggregator, strategy=strategy
+        per_sample_losses = jax.vmap(sample_loss, in_axes=(None, 0, 0))
+        value_and_aggregate = eqxjd.filter_value_and_aggregate(
+            per_sample_losses,
+            aggregator,
+            strategy=eqxjd.PerSampleGramian(chunk_size=CHUNK),
         )
 
         def step_(model, x, y):
-            out = step_fn(model, x, y)
+            out = value_and_aggregate(model, x, y)
             return out.update, out.weights
 
     else:
@@ -198,10 +200,7 @@ def _subprocess(python: str, args: list[str]) -> dict | None:
 
 
 def _torch_python(explicit: str | None) -> str | None:
-    candidates = (
-        [explicit] if explicit else [sys.executable, "/work/torchvenv/bin/python"]
-    )
-    for python in candidates:
+    for python in [explicit or sys.executable]:
         if python and os.path.exists(python):
             check = subprocess.run(
                 [python, "-c", "import torch, torchjd"], capture_output=True

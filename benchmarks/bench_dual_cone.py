@@ -182,7 +182,7 @@ def main():
         "upgrad": (eqxjd.UPGrad, eqxjd.UPGradWeighting),
         "dualproj": (eqxjd.DualProj, eqxjd.DualProjWeighting),
     }
-    gram = jax.jit(eqxjd.gramian)
+    gram = jax.jit(eqxjd.tree_gramian)  # J J^T at full precision
     jitted = {
         (method, s): (jax.jit(agg_cls(solver=s)), jax.jit(weighting_cls(solver=s)))
         for method, (agg_cls, weighting_cls) in classes.items()

@@ -103,8 +103,9 @@ def seed_example(steps, seed=0):
     @eqx.filter_jit
     def jax_step(model, x, y):
         out = value_and_update(model, x, y)
-        update = jtu.tree_map(lambda u: -0.1 * u, out.update)
-        return eqx.apply_updates(model, update), out.losses
+        return eqx.apply_updates(
+            model, jtu.tree_map(lambda u: -0.1 * u, out.update)
+        ), out.losses
 
     jax.block_until_ready(jax_step(model, xj, yj))  # compile (a throw-away step)
     state = {"model": model}
@@ -179,10 +180,10 @@ def mtl_model(steps, m, seed=1, widths=(64, 256, 256, 128), batch=64):
 
     @eqx.filter_jit
     def jax_step(params, x, y):
-        losses, update = value_and_update(params[0], params[1], x, y)
+        out = value_and_update(params[0], params[1], x, y)
         return eqx.apply_updates(
-            params, jtu.tree_map(lambda u: -0.01 * u, update)
-        ), losses
+            params, jtu.tree_map(lambda u: -0.01 * u, out.update)
+        ), out.losses
 
     params = (jtrunk, jheads)
     jax.block_until_ready(jax_step(params, xj, yj))

@@ -145,7 +145,8 @@ def round32(a):
 
 
 # --------------------------------------------------------------------------------------
-# matrix kinds (methods.md §8 semantics, numpy Generator)
+# matrix kinds: the samplers of TorchJD's tests/unit/aggregation/_matrix_samplers.py,
+# re-implemented with a numpy Generator
 
 
 def haar(rng, k):
@@ -375,7 +376,7 @@ def foundation(Js, meta):
             out[f"{mid}_f32/{name}/d"] = N(agg(J))
     out.update(errors)
 
-    print("foundation checks (methods.md §9):")
+    print("foundation checks (reference values):")
     c = lambda k, e, a=1e-8: check(k, out[k], e, a)  # noqa: E731
     c("upgrad/base/d", [0.2929020002, 1.900352078, 1.900352078])
     c("upgrad/base/w", [1.110921047, 0.7894310312])
@@ -700,7 +701,7 @@ def zoo(Js):
         out[f"graddrop_f32/{name}/d"] = N(d)
         out[f"graddrop_f32/{name}/draws"] = N(U32)
 
-    print("zoo checks (methods.md §9):")
+    print("zoo checks (reference values):")
     c = lambda k, e, a=1e-8: check(k, out[k], e, a)  # noqa: E731
     c("mgda/base/d", [0, 1, 1])
     c("mgda/base/w", [0.6, 0.4])
@@ -1006,7 +1007,7 @@ def modern(Js):
                 out[f"{mid}/{name}/call{k}/w"] = N(w)
                 out[f"{mid}/{name}/call{k}/d"] = N(w @ J)
 
-    # documented SDMGrad cases (methods.md §4.21)
+    # SDMGrad cases small enough to check by hand (see tests/reference/README.md)
     wt = SDMGradWeighting(n_iter=1)
     for k, M in enumerate([np.diag([1.0, 0.25, 0.0]), np.eye(3)]):
         out[f"sdmgrad_niter1/doc/call{k}/M"] = M
@@ -1015,13 +1016,12 @@ def modern(Js):
     out["sdmgrad_niter1_pref001/doc/call0/M"] = np.diag([1.0, 0.25, 0.0])
     out["sdmgrad_niter1_pref001/doc/call0/w"] = N(wt(T(np.diag([1.0, 0.25, 0.0]))))
 
-    print("modern checks (methods.md §9):")
+    print("modern checks (reference values):")
     c = lambda k, e, a=1e-8: check(k, out[k], e, a)  # noqa: E731
     c("gradvac/base/same/call0/d", [0.5847953281, 3.801169586, 3.801169586])
     c("gradvac/base/same/call0/w", [2.222222219, 1.578947367])
-    # methods.md §9.2 calls this "the state after the first call"; it is the state after
-    # the SECOND call on J_base (after the first call,
-    # phi_hat = beta * cos = -0.4205955119).
+    # GradVac's state phi_hat on J_base after the second call, then after the first
+    # (beta * cos = -0.4205955119).
     c("gradvac/base/same/call1/phi", [[0, -0.6308932679], [-0.6308932679, 0]])
     c("gradvac/base/same/call0/phi", [[0, -0.4205955119], [-0.4205955119, 0]])
     c(
@@ -1298,7 +1298,7 @@ def scalarization(Js):
             if flag:
                 sc.step()
 
-    print("scalarization checks (methods.md §9.7):")
+    print("scalarization checks (L = [1, 2, 3], w = [0.2, 0.3, 0.5]):")
     c = lambda k, e, a=1e-8: check(k, out[k], e, a)  # noqa: E731
     c("mean/doc/value", 2)
     c("mean/doc/grad", [1 / 3] * 3)
@@ -1418,7 +1418,7 @@ def autojac(Js):
         for pn, p in mod.named_parameters():
             out[f"mtl/final/{mn}.{pn}"] = N(p)
 
-    # documented examples (methods.md §9.8)
+    # worked examples of backward, jac_to_grad and jac (tests/reference/README.md)
     p = T([1.0, 2.0]).requires_grad_(True)
     y1 = T([-1.0, 1.0]) @ p
     y2 = (p**2).sum()
@@ -1449,7 +1449,7 @@ def autojac(Js):
     out["doc3/x"] = np.array([1.0, 2.0])
     out["doc3/jac"] = N(jx)
 
-    print("autojac checks (methods.md §9.8):")
+    print("autojac checks (worked examples):")
     c = lambda k, e, a=1e-12: check(k, out[k], e, a)  # noqa: E731
     c("doc1/jac", [[-1, 1], [2, 4]])
     c("doc1/grad", [0.5, 2.5], 1e-9)
