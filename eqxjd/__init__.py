@@ -78,6 +78,7 @@ from ._step import (
     FullJacobian as FullJacobian,
     Gramian as Gramian,
     PerSampleGramian as PerSampleGramian,
+    Step as Step,
 )
 from ._tree import (
     aggregate as aggregate,

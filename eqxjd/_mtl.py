@@ -18,8 +18,9 @@ from ._step import (
     init_state,
     linearize,
     Problem,
+    Step,
 )
-from ._tree import check_aggregator, check_state, Grouped, is_stateful
+from ._tree import AnyAggregator, check_aggregator, check_state, Grouped, is_stateful
 
 
 def _check_features(features: PyTree) -> None:
@@ -144,11 +145,11 @@ class _MTLValueAndAggregate(eqx.Module):
 def filter_mtl_value_and_aggregate(
     features_fn: Callable,
     losses_fn: Callable,
-    aggregator: Any,
+    aggregator: AnyAggregator | Grouped,
     *,
     has_aux: bool = False,
     strategy: AbstractStrategy = FullJacobian(),
-) -> Callable:
+) -> Step:
     r"""Multi-task Jacobian descent: TorchJD's `mtl_backward` followed by `jac_to_grad`
     on the shared parameters.
 

@@ -170,4 +170,7 @@ def as_optax(
             raise
         return update, AsOptaxState(agg_state, new_key)
 
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+    return optax.GradientTransformationExtraArgs(
+        init_fn,  # pyright: ignore[reportArgumentType]
+        update_fn,  # pyright: ignore[reportArgumentType]
+    )

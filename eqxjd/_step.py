@@ -5,7 +5,7 @@ obtained: [`eqxjd.filter_value_and_aggregate`][] with a strategy
 
 import abc
 from collections.abc import Callable
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, Protocol, runtime_checkable
 
 import equinox as eqx
 import jax
@@ -31,6 +31,7 @@ from ._jacobian import fn_name, seeds, split_output, value_and_jac
 from ._tree import (
     aggregate_tree,
     Aggregated,
+    AnyAggregator,
     check_aggregator,
     check_state,
     Grouped,
@@ -47,6 +48,26 @@ def weigh(weighting, gramian, state, key):
     if isinstance(weighting, AbstractStatefulWeighting):
         return call_weighting(weighting, gramian, state, key=key)
     return call_weighting(weighting, gramian, key=key), state
+
+
+@runtime_checkable
+class Step(Protocol):
+    """What [`eqxjd.filter_value_and_aggregate`][] and
+    [`eqxjd.filter_mtl_value_and_aggregate`][] return: a step function (an
+    `eqx.Module`, so it can be passed through `eqx.filter_jit`) with an `init` method.
+    """
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Aggregated:
+        """`step(model, *args, agg_state=None, agg_key=None, **kwargs)` (for the
+        multi-task step, `step(shared, heads, *args, ...)`): the losses, the update,
+        the weights and the new state, as an [`eqxjd.Aggregated`][]."""
+        ...
+
+    def init(self, *args: Any, **kwargs: Any) -> State:
+        """`step.init(model, *args, **kwargs)`: the aggregator's initial state for
+        these arguments (`None` for stateless aggregators). Traces the loss function
+        abstractly: nothing is computed."""
+        ...
 
 
 class Linearized(eqx.Module):
@@ -432,12 +453,12 @@ def check_strategy(strategy: Any, has_aux: bool) -> None:
 
 def filter_value_and_aggregate(
     fn: Callable,
-    aggregator: Any,
+    aggregator: AnyAggregator | Grouped,
     *,
     has_aux: bool = False,
     strategy: AbstractStrategy = FullJacobian(),
     filter_spec: FilterSpec = True,
-) -> Callable[..., Aggregated]:
+) -> Step:
     r"""The Jacobian-descent analogue of `eqx.filter_value_and_grad`.
 
     Computes the losses $L(\theta)$ (any shape; $m$ = `losses.size` objectives), what

@@ -50,7 +50,7 @@ class Aggregated(eqx.Module):
     update: PyTree
     weights: Any
     state: State
-    losses: Array | None = None
+    losses: Any = None
     aux: Any = None
 
 

@@ -20,6 +20,8 @@ import time
 
 _T0 = time.perf_counter()
 
+from typing import ClassVar
+
 import equinox as eqx
 import jax
 
@@ -51,8 +53,8 @@ def _rel(x, y) -> float:
 
 
 class _SoftminWeighting(eqxjd.AbstractWeighting):
-    reads = "gramian"
-    differentiable = True
+    reads: ClassVar[str] = "gramian"
+    differentiable: ClassVar[bool] = True
 
     def __call__(self, stat, /, *, key=None):
         scores = stat @ jnp.ones(stat.shape[0], stat.dtype) / jnp.trace(stat)

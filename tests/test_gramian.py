@@ -2,6 +2,8 @@
 (`eqxjd.Gramian`, `eqxjd.PerSampleGramian`) against the full Jacobian from
 `jax.jacrev`, and the updates they give against `eqxjd.aggregate`."""
 
+from typing import ClassVar
+
 import equinox as eqx
 import eqxjd
 import jax
@@ -9,6 +11,7 @@ import jax.numpy as jnp
 import jax.random as jr
 import jax.tree_util as jtu
 import pytest
+from eqxjd._gramian import per_sample as per_sample_kernels
 from jaxtyping import Array, Float, PRNGKeyArray
 
 from .helpers import rel_err
@@ -17,8 +20,8 @@ from .helpers import rel_err
 class _SoftminWeighting(eqxjd.AbstractWeighting):
     """A non-trivial test weighting that depends on the whole Gramian."""
 
-    reads = "gramian"
-    differentiable = True
+    reads: ClassVar[str] = "gramian"
+    differentiable: ClassVar[bool] = True
 
     def __call__(
         self, stat: Float[Array, "m m"], /, *, key: PRNGKeyArray | None = None
@@ -30,8 +33,8 @@ class _SoftminWeighting(eqxjd.AbstractWeighting):
 class _CountingWeighting(eqxjd.AbstractStatefulWeighting):
     """Stateful test weighting: w = (1 + count) / m, count += 1."""
 
-    reads = "gramian"
-    differentiable = True
+    reads: ClassVar[str] = "gramian"
+    differentiable: ClassVar[bool] = True
 
     def init(self, stat: Float[Array, "m m"], /):
         return jnp.zeros((), stat.dtype)
@@ -381,7 +384,7 @@ def kernel(request, monkeypatch):
     estimate); each test jits afresh so that no trace of the other one is reused."""
     forward = request.param == "forward"
     monkeypatch.setattr(
-        eqxjd._gramian.per_sample, "forward_mode_is_cheap", lambda *args: forward
+        per_sample_kernels, "forward_mode_is_cheap", lambda *args: forward
     )
     return request.param
 
@@ -403,7 +406,7 @@ def test_chunked_kernels_exact(getkey, kernel, name, tasks):
 
 
 def test_kernel_choice(getkey):
-    cheap = eqxjd._gramian.per_sample.forward_mode_is_cheap
+    cheap = per_sample_kernels.forward_mode_is_cheap
     wide = eqx.nn.MLP(32, 1, 64, 2, key=getkey(), dtype=jnp.float64)
     xs = jr.normal(getkey(), (7, 32), jnp.float64)
     ys = jr.normal(getkey(), (7, 1), jnp.float64)

@@ -1,6 +1,8 @@
 """Jacobians of loss vectors, the Jacobian-descent step with each strategy, the
 multi-task step and grouped aggregation."""
 
+from typing import ClassVar
+
 import equinox as eqx
 import eqxjd
 import jax
@@ -49,8 +51,8 @@ def losses_aux_fn(model, x, y):
 class _EMAWeighting(eqxjd.AbstractStatefulWeighting):
     """Test-only stateful Gramian weighting: EMA of 1/diag(G) weights."""
 
-    reads = "gramian"
-    differentiable = True
+    reads: ClassVar[str] = "gramian"
+    differentiable: ClassVar[bool] = True
 
     def init(self, stat, /):
         m = stat.shape[0]
@@ -67,8 +69,8 @@ class _EMAWeighting(eqxjd.AbstractStatefulWeighting):
 class _RandomWeighting(eqxjd.AbstractWeighting):
     """Test-only random weighting (needs a key)."""
 
-    reads = "rows"
-    differentiable = True
+    reads: ClassVar[str] = "rows"
+    differentiable: ClassVar[bool] = True
 
     def __call__(self, stat, /, *, key=None):
         if key is None:
@@ -495,7 +497,7 @@ def test_grouping_errors(setup):
     with pytest.raises(ValueError):
         eqxjd.Grouped()
     with pytest.raises((TypeError, ValueError)):
-        eqxjd.Grouped((lambda m: m, "upgrad"))
+        eqxjd.Grouped((lambda m: m, "upgrad"))  # pyright: ignore[reportArgumentType]
 
 
 # ------------------------------------------------------------------------------------
@@ -520,7 +522,7 @@ def test_bad_inputs(setup):
         eqxjd.filter_jac(losses_fn, has_aux=True)(model, x, y)
     for chunk_size in (0, -1, 1.5, True):
         with pytest.raises((TypeError, ValueError)):
-            eqxjd.filter_jac(losses_fn, chunk_size=chunk_size)
+            eqxjd.filter_jac(losses_fn, chunk_size=chunk_size)  # pyright: ignore
     with pytest.raises((TypeError, ValueError)):
         eqxjd.filter_value_and_aggregate(losses_fn, "upgrad")  # pyright: ignore
     # A stateful aggregator without its state; a stateless one with a state.
@@ -547,7 +549,7 @@ def test_bad_inputs(setup):
                 losses_fn, eqxjd.ConFIG(), strategy=strategy
             )(model, x, y)
     with pytest.raises((TypeError, ValueError)):  # jaxtyping's hook may fire first
-        eqxjd.filter_value_and_aggregate(losses_fn, mean, strategy="gramian")
+        eqxjd.filter_value_and_aggregate(losses_fn, mean, strategy="gramian")  # pyright: ignore
     # Jacobian pytrees with mismatched m, or no leaves.
     bad = {"a": jnp.zeros((2, 3)), "b": jnp.zeros((3, 3))}
     with pytest.raises(ValueError, match="leading"):
