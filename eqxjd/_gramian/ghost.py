@@ -201,7 +201,8 @@ def _gather(eqn) -> Ghost | None:
     drop = mode == lax.GatherScatterMode.FILL_OR_DROP
 
     def act(ops):
-        return jnp.clip(ops[1][..., component], 0, rows - 1).reshape(1, p)
+        rows_ = jnp.clip(ops[1][..., component], 0, rows - 1)
+        return rows_.astype(jnp.int32).reshape(1, p)
 
     def cot(ops, d):
         d = jnp.transpose(d, positions + offset).reshape(1, p, n)
@@ -225,7 +226,7 @@ def _dynamic_slice(eqn) -> Ghost | None:
 
     def act(ops):
         # dynamic_slice clamps its start so that the slice fits.
-        return jnp.clip(ops[1], 0, rows - 1).reshape(1, 1)
+        return jnp.clip(ops[1], 0, rows - 1).astype(jnp.int32).reshape(1, 1)
 
     def cot(ops, d):
         return jnp.reshape(d, (1, 1, n))

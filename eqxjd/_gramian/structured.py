@@ -324,7 +324,7 @@ def _update(plan: Plan, leaves: list, acts: dict, deltas: dict, weights: Array) 
 
 
 def _weighted(delta: Array, weights: Array) -> Array:
-    """$\sum_t w_{it} \delta_{it}$: `(B, T, ...)` -> `(B, ...)`."""
+    r"""$\sum_t w_{it} \delta_{it}$: `(B, T, ...)` -> `(B, ...)`."""
     w = weights.astype(delta.dtype).reshape(weights.shape + (1,) * (delta.ndim - 2))
     return jnp.sum(delta * w, axis=1)
 
@@ -375,7 +375,7 @@ def _terms(
         rows_cost = rows_cost * (chunks + 1) / 2 + (size * tasks) ** 2 * numel
         if groups is not None:
             ghost_cost = size**2 * sum(_ghost_cost(g, tasks) for g in groups)
-            if _prefer_ghost(ghost_cost, rows_cost):
+            if _prefer_ghost(float(ghost_cost), float(rows_cost)):
                 terms.extend(groups)
                 continue
         terms.append(_Rows(leaf, tuple(leaf_uses)))
@@ -410,7 +410,7 @@ def _fold_biases(terms: list) -> list:
 
 
 def _is_bias(group: _GhostGroup, add: Tap, slot: int) -> bool:
-    """Whether `add`'s operand `slot` adds bias entry $\pi(n)$ to every output entry
+    r"""Whether `add`'s operand `slot` adds bias entry $\pi(n)$ to every output entry
     of feature $n$ of `group`'s product, for a permutation $\pi$ (so that its
     per-sample gradient is $\sum_p d_{ip}$ up to a permutation)."""
     tap, w_slot, ghost = group.uses[0]
@@ -514,7 +514,9 @@ def _merge(xs_levels: tuple[int, ...], depth: int, out: Array) -> Array:
     return out.reshape((out.shape[0], out.shape[1] * out.shape[2]) + out.shape[3:])
 
 
-def _group_factors(group: _GhostGroup, leaves, acts, deltas) -> tuple[Array, Array]:
+def _group_factors(
+    group: _GhostGroup, leaves, acts, deltas, dtype
+) -> tuple[Array, Array]:
     """`(c, H, P, K)` (or `(c, H, P)` rows) and `(c, T, H, P, N)` for a chunk."""
     act_parts, cot_parts = [], []
     for tap, slot, ghost in group.uses:
@@ -533,6 +535,11 @@ def _group_factors(group: _GhostGroup, leaves, acts, deltas) -> tuple[Array, Arr
         per_task = jax.vmap(cot, in_axes=(None,) * len(values) + (0,))
         act_parts.append(jax.vmap(act, in_axes=axes)(*values))
         cot_parts.append(jax.vmap(per_task, in_axes=axes + (0,))(*values, delta))
+    if len(group.uses) == 1:
+        return act_parts[0], cot_parts[0]
+    if not group.index:  # uses may differ in precision
+        act_parts = [a.astype(dtype) for a in act_parts]
+    cot_parts = [d.astype(dtype) for d in cot_parts]
     return jnp.concatenate(act_parts, axis=2), jnp.concatenate(cot_parts, axis=3)
 
 
@@ -596,7 +603,7 @@ def _assemble(
         else:
             take = lambda x: lax.dynamic_slice_in_dim(x, start, c)
             acts_c, deltas_c = jtu.tree_map(take, acts), jtu.tree_map(take, deltas)
-        ghost = [_group_factors(t, leaves, acts_c, deltas_c) for t in ghosts]
+        ghost = [_group_factors(t, leaves, acts_c, deltas_c, dtype) for t in ghosts]
         mat = [_leaf_rows(t, leaves, acts_c, deltas_c, c * tasks) for t in rows]
         return ghost, [m.astype(dtype) for m in mat]
 

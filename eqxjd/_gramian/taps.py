@@ -92,7 +92,7 @@ class View:
     def nstack(self) -> int:
         return len(self.stack_levels)
 
-    def then(self, eqn: Any) -> "View":
+    def then(self, eqn: Any):
         injective = self.injective
         if eqn.primitive is prims.broadcast_in_dim_p:
             sizes = (eqn.invars[0].aval.shape, eqn.outvars[0].aval.shape)
@@ -101,7 +101,7 @@ class View:
             self, steps=self.steps + ((eqn, self.nstack),), injective=injective
         )
 
-    def stacked(self, level: int) -> "View":
+    def stacked(self, level: int):
         return dataclasses.replace(
             self,
             steps=self.steps + ("stack",),
@@ -231,13 +231,13 @@ class Plan:
     scans: set = dataclasses.field(default_factory=set)  # paths of scans entered
     fallback: set = dataclasses.field(default_factory=set)  # leaf indices
 
-    def merge(self, other: "Plan") -> None:
+    def merge(self, other) -> None:
         self.taps.update(other.taps)
         self.inline |= other.inline
         self.scans |= other.scans
         self.fallback |= other.fallback
 
-    def without(self, leaves: set) -> "Plan":
+    def without(self, leaves: set):
         """The plan with the uses of `leaves` dropped (taps left without uses go)."""
         taps = {}
         for path, tap in self.taps.items():
