@@ -338,6 +338,7 @@ class _Rows(eqx.Module):
     table: jax.Array
     fused: jax.Array  # read in two disjoint halves
     weight: jax.Array
+    offset: jax.Array
 
     def __call__(self, token, x):
         row = self.table[token]  # one row per sample: dynamic_slice
@@ -347,7 +348,8 @@ class _Rows(eqx.Module):
         half = self.fused.shape[0] // 2
         a = self.fused[:half] @ x
         b = self.fused[half:] @ jnp.tanh(x)
-        return self.weight @ jnp.tanh(row + a * b + jnp.sum(oob, axis=0))
+        # A product subtracted from a bias: its cotangent is minus the subtraction's.
+        return self.offset - self.weight @ jnp.tanh(row + a * b + jnp.sum(oob, axis=0))
 
 
 def test_loops_lookups_and_slices():
@@ -366,6 +368,7 @@ def test_loops_lookups_and_slices():
         jr.normal(k5, (7, 3), dtype),
         jr.normal(k6, (6, 3), dtype),
         jr.normal(k1, (2, 3), dtype),
+        jr.normal(k3, (2,), dtype),
     )
     tokens = jr.randint(k2, (5,), 0, 7)
 

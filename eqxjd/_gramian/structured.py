@@ -385,35 +385,43 @@ def _terms(
 def _fold_biases(terms: list) -> list:
     r"""Folds each bias added right after a ghost product (see `Alias`) into that
     product's term: with $g^b_i = \sum_p d_{ip}$, $G^W + G^b = \sum_{p, q}
-    (a_{ip} \cdot a_{jq} + 1)(d_{ip} \cdot d_{jq})$, one term instead of two."""
-    by_target = {}
+    (a_{ip} \cdot a_{jq} + 1)(d_{ip} \cdot d_{jq})$, one term instead of two. A layer
+    applied several times folds its bias if each of the bias's additions follows one
+    of the product's uses."""
+    owner = {}  # addition path -> (group, the product's use aliased to it)
     for term in terms:
-        if isinstance(term, _GhostGroup) and not term.index and len(term.uses) == 1:
-            tap = term.uses[0][0]
-            if tap.alias is not None:
-                by_target[tap.alias.target] = term
-    folded = {}
+        if isinstance(term, _GhostGroup) and not term.index:
+            for use in term.uses:
+                if use[0].alias is not None:
+                    owner[use[0].alias.target] = (term, use)
+    folded: dict = {}
     out = []
     for term in terms:
-        if isinstance(term, _Rows) and len(term.uses) == 1:
-            tap, slot = term.uses[0]
-            group = by_target.get(tap.path)
-            if (
-                group is not None
-                and id(group) not in folded
-                and _is_bias(group, tap, slot)
-            ):
-                folded[id(group)] = dataclasses.replace(group, ones=True)
-                continue
+        if isinstance(term, _Rows):
+            found = [owner.get(tap.path) for tap, _ in term.uses]
+            if all(f is not None for f in found):
+                group = found[0][0]
+                if (
+                    id(group) not in folded
+                    and all(f[0] is group for f in found)
+                    and len({id(f[1]) for f in found}) == len(group.uses)
+                    and len(term.uses) == len(group.uses)
+                    and all(
+                        _is_bias(f[1], tap, slot)
+                        for f, (tap, slot) in zip(found, term.uses)
+                    )
+                ):
+                    folded[id(group)] = dataclasses.replace(group, ones=True)
+                    continue
         out.append(term)
     return [folded.get(id(t), t) for t in out]
 
 
-def _is_bias(group: _GhostGroup, add: Tap, slot: int) -> bool:
+def _is_bias(use: tuple[Tap, int, Ghost], add: Tap, slot: int) -> bool:
     r"""Whether `add`'s operand `slot` adds bias entry $\pi(n)$ to every output entry
-    of feature $n$ of `group`'s product, for a permutation $\pi$ (so that its
+    of feature $n$ of the product `use`, for a permutation $\pi$ (so that its
     per-sample gradient is $\sum_p d_{ip}$ up to a permutation)."""
-    tap, w_slot, ghost = group.uses[0]
+    tap, w_slot, ghost = use
     view = add.views[slot]
     if (
         ghost.h != 1
@@ -461,29 +469,60 @@ def _positions(tap: Tap, slot: int, ghost: Ghost) -> int:
     return ghost.p * math.prod(n for d, n in enumerate(tap.levels) if d not in levels)
 
 
+# Entries of a leaf beyond which the layouts of its uses are not compared entry by
+# entry (the uses then need identical descriptions to share a ghost term).
+_LAYOUT_LIMIT = 1 << 22
+
+
 def _ghost_groups(uses: list) -> list[_GhostGroup] | None:
     """The uses of one leaf as ghost groups, or None if some use has no ghost form or
     two uses read overlapping parts of the leaf in different layouts."""
     ghosts = [ghost_of(tap, slot) for tap, slot in uses]
     if any(g is None for g in ghosts):
         return None
-    if len(uses) == 1:
-        (tap, slot), ghost = uses[0], ghosts[0]
-        return [_GhostGroup(ghost.index, ((tap, slot, ghost),))]
+    entries = [(tap, slot, ghost) for (tap, slot), ghost in zip(uses, ghosts)]
+    if len({_description(*entry) for entry in entries}) == 1:
+        # Same view of the leaf, read the same way (a layer applied several times):
+        # the layouts are equal, the positions are concatenated.
+        return [_GhostGroup(ghosts[0].index, tuple(entries))]
+    view = uses[0][0].views[uses[0][1]]
+    if math.prod(view.leaf_shape) > _LAYOUT_LIMIT:
+        return None
     keyed: dict = {}
-    for (tap, slot), ghost in zip(uses, ghosts):
+    for tap, slot, ghost in entries:
         view = tap.views[slot]
         layout = ghost.layout(view.index(), view.nstack)
         layout = layout.reshape((-1,) + layout.shape[-2:])
         key = (ghost.index, layout.shape, layout.tobytes())
         keyed.setdefault(key, (layout, []))[1].append((tap, slot, ghost))
-    seen: set = set()
+    # Groups reading disjoint parts of the leaf (e.g. slices of a fused weight) have
+    # no cross terms; overlapping ones in different layouts would.
+    seen = np.zeros(math.prod(view.leaf_shape), bool)
     for layout, _ in keyed.values():
-        entries = set(layout.ravel().tolist())
-        if entries & seen:
+        if np.any(seen[layout.ravel()]):
             return None
-        seen |= entries
+        seen[layout.ravel()] = True
     return [_GhostGroup(key[0], tuple(group)) for key, (_, group) in keyed.items()]
+
+
+def _description(tap: Tap, slot: int, ghost: Ghost) -> tuple:
+    """What determines a use's layout: the view's steps and the consuming equation,
+    as seen from the parameter's side."""
+    view = tap.views[slot]
+    steps = tuple(
+        step if step == "stack" else (str(step[0].primitive), repr(step[0].params))
+        for step in view.steps
+    )
+    eqn = tap.eqn
+    return (
+        ghost.index,
+        view.stack_levels,
+        steps,
+        str(eqn.primitive),
+        repr(eqn.params),
+        slot,
+        tuple(eqn.invars[slot].aval.shape),
+    )
 
 
 # ------------------------------------------------------------------------- factors
