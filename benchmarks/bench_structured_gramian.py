@@ -11,9 +11,11 @@ For each model and batch size, three jitted functions of the same model and batc
 - `iwrm`: the whole instance-wise step, `engine` with `UPGradWeighting` between the
   Gramian and the `vjp` (optional: `--iwrm`).
 
-Printed per row: median milliseconds per call (after a warm-up call), the ratio to
-`sgd`, the time to trace and compile (seconds), and XLA's memory estimate of each
-compiled function (temporaries + outputs, MiB) with its ratio to `sgd`'s.
+Printed per row: milliseconds per call (median and minimum), the ratio to `sgd` (the
+median of the ratios of interleaved calls, so that a shared machine's changing load
+affects both alike), the time to trace and compile (seconds), and XLA's memory
+estimate of each compiled function (temporaries + outputs, MiB) with its ratio to
+`sgd`'s.
 
 Models: `mlp` (784-512-512-10, ReLU, cross-entropy), `cnn` (two 3x3 convolutions with
 max pooling and a linear head on 1x28x28 images), `transformer` (an embedding, one
@@ -110,16 +112,20 @@ def _models(name: str, key, dtype):
     return model, loss_fn, data
 
 
-def _time(fn, args, reps: int) -> float:
+def _times(runs, reps: int) -> list[list[float]]:
+    """Milliseconds of each call, the functions interleaved: `reps` rounds of one call
+    of each, after one warm-up round."""
     import jax
 
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
+    for fn, args in runs:
         jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t0)
-    return 1e3 * statistics.median(times)
+    times = [[] for _ in runs]
+    for _ in range(reps):
+        for out, (fn, args) in zip(times, runs):
+            t0 = time.perf_counter()
+            jax.block_until_ready(fn(*args))
+            out.append(1e3 * (time.perf_counter() - t0))
+    return times
 
 
 def _compile(fn, args):
@@ -155,7 +161,7 @@ def main():
     from eqxjd._gramian import structured_value_and_gramian
 
     dtype = jnp.float64 if args.float64 else jnp.float32
-    header = f"{'model':12} {'B':>4} {'what':7} {'ms':>9} {'x sgd':>7}"
+    header = f"{'model':12} {'B':>4} {'what':7} {'ms':>9} {'min ms':>9} {'x sgd':>7}"
     header += f" {'compile s':>10} {'MiB':>8} {'x sgd':>7}"
     print(header)
     for name in args.models:
@@ -191,15 +197,14 @@ def main():
                     return losses, vjp(weights)
 
                 runs.append(("iwrm", iwrm, (diff, x, y)))
-            base = None
-            for what, fn, fn_args in runs:
-                compiled, seconds, mib = _compile(fn, fn_args)
-                ms = _time(compiled, fn_args, args.reps)
-                if base is None:
-                    base = (ms, mib)
+            compiled = [(what, *_compile(fn, a), a) for what, fn, a in runs]
+            times = _times([(c, a) for _, c, _, _, a in compiled], args.reps)
+            for (what, _, seconds, mib, _), ms in zip(compiled, times):
+                ratio = statistics.median(t / s for t, s in zip(ms, times[0]))
                 print(
-                    f"{name:12} {batch:4d} {what:7} {ms:9.2f} {ms / base[0]:7.2f} "
-                    f"{seconds:10.2f} {mib:8.2f} {mib / base[1]:7.2f}",
+                    f"{name:12} {batch:4d} {what:7} {statistics.median(ms):9.2f} "
+                    f"{min(ms):9.2f} {ratio:7.2f} {seconds:10.2f} {mib:8.2f} "
+                    f"{mib / compiled[0][3]:7.2f}",
                     flush=True,
                 )
 

@@ -10,8 +10,13 @@ $$G_{ij} = \sum_{p, q} (a_{ip} \cdot a_{jq})\,(\delta_{ip} \cdot \delta_{jq}),$$
 which needs only the layer's inputs $a$ (kept by the forward pass) and output
 cotangents $\delta$. Since samples are independent, the cotangent of sample $i$'s
 output under the *summed* loss is sample $i$'s own, so one backward pass gives every
-$\delta$. The weighted update $\sum_i w_i g_i$ is one more backward pass through the
-same forward pass.
+$\delta$. The weighted update $\sum_i w_i g_i$ needs no per-sample gradient either:
+per equation, it is the weight-gradient product of a backward pass, at the same $a$
+and the cotangents $w_i \delta_i$.
+
+`taps.py` finds the equations and re-runs the jaxpr with them perturbed, `ghost.py`
+holds the ghost factors of each kind of equation, and this module chooses, per leaf,
+between the ghost form and per-sample gradients and assembles $G$ block by block.
 """
 
 import dataclasses
@@ -54,43 +59,57 @@ def structured_value_and_gramian(
     The losses are $\ell_i$ = `loss_fn(model, *batch)[i]` (a scalar, or `T` tasks, per
     sample). Their Gramian $G = J J^\top$, $J$ the Jacobian of `losses.ravel()` w.r.t.
     the leaves of `diff` selected by `gram_spec`, is computed without per-sample
-    gradients where the structure allows it:
+    gradients where the structure allows it, and the update $\nabla \sum w \cdot
+    \ell$ without a second backward pass. A whole instance-wise step then costs about
+    one forward pass, one backward pass without weight gradients, the weight-gradient
+    products of a backward pass, $G$ and the weighting.
 
     1. `loss_fn` on a batch of one sample (`x[None]`) is traced to a jaxpr, and every
-       equation consuming a selected parameter (possibly through reshapes,
-       transposes, dtype conversions, slices or broadcasts) is found, also inside
-       `jax.jit` / `eqx.filter_jit` calls, `jax.checkpoint` and `lax.scan` bodies (a
-       parameter used at every step: the steps are positions; a parameter scanned
-       over as `xs`: one slice per step).
+       equation consuming a parameter (possibly through reshapes, transposes,
+       squeezes, dtype conversions, slices or broadcasts) is found, also inside
+       `jax.jit` / `eqx.filter_jit` calls, `jax.checkpoint` (evaluated in line) and
+       `lax.scan` bodies (a parameter used at every step: the steps are positions; a
+       parameter scanned over as `xs`: one slice per step).
     2. That jaxpr is re-run, `vmap`-ed over the samples, with each such equation's
        floating outputs perturbed by an added zero input and its other operands
        returned. One backward pass of the summed losses w.r.t. the perturbations
-       gives each sample's output cotangents $\delta$ of those equations (per task:
-       one backward pass per task).
-    3. Per leaf, $G$'s contribution comes, whichever is cheaper, either
-        - from the ghost identity $G_{ij} = \sum_h \sum_{p,q} (a_{ihp} \cdot a_{jhq})
-          (\delta_{ihp} \cdot \delta_{jhq})$ (cost $\sim B^2 P^2 (d_{in} + d_{out})$)
-          for `dot_general` (dense layers, attention projections: positions are the
-          free dimensions of the other operand, $h$ its batch dimensions),
-          `conv_general_dilated` on a kernel (input patches as positions, feature
-          groups as $h$) and row lookups (`gather` / `dynamic_slice` of whole rows,
-          i.e. embeddings: $a_{ip} \cdot a_{jq}$ is a comparison of indices),
-        - or from per-sample gradients (cost $\sim B P d_{in} d_{out} + B^2 d_{in}
-          d_{out}$), formed for that leaf only, `chunk_size` samples at a time, from
-          the captured operands and cotangents through the equation's own VJP. This
-          covers every other consuming equation (biases, norm scales, elementwise
+       gives each sample's output cotangents $\delta$ of those equations (one
+       backward pass per task for `(B, T)` losses). A product whose only use is a
+       following bias addition (a dense layer) shares that addition's cotangent.
+    3. Per selected leaf, $G$'s contribution comes, whichever costs fewer flops:
+        - from the ghost identity $G_{ij} = \sum_h \sum_{p,q} (a_{ihp} \cdot
+          a_{jhq})(\delta_{ihp} \cdot \delta_{jhq})$ (cost $\sim B^2 P^2 (d_{in} +
+          d_{out})$) for `dot_general` (dense layers, attention projections:
+          positions are the free dimensions of the other operand, $h$ its batch
+          dimensions), `conv_general_dilated` on a kernel (input patches as
+          positions, feature groups as $h$) and row lookups (`gather` /
+          `dynamic_slice` of whole rows, i.e. embeddings: $a_{ip} \cdot a_{jq}$ is a
+          comparison of indices); a bias added right after such a product is a
+          constant input feature 1 of the same term;
+        - or from per-sample gradients of that leaf only (cost $\sim B P d_{in}
+          d_{out} + B^2 d_{in} d_{out}$), `chunk_size` samples at a time, each from
+          the captured operands and cotangents through the consuming equation's own
+          VJP. This covers every other consuming equation (norm scales, elementwise
           operations, `jax.custom_jvp` / `jax.custom_vjp` calls, whose custom rules
-          are used, scans carrying a parameter, ...).
+          are used, not their primal's derivative; a scan whose carry holds a
+          parameter, as a whole; ...).
 
-       A leaf consumed by several equations (weight tying, a layer applied twice)
-       combines their positions in one ghost term when they read it in the same
-       layout and way (or read disjoint parts of it), and otherwise gets its
-       per-sample gradient as the sum of all its uses.
-    4. Leaves whose consumption cannot be tapped (a parameter returned as a loss, or
-       consumed by an equation with side effects) go through the generic per-sample
-       path: per-sample Jacobians of just those leaves, chunked.
+       A leaf consumed by several equations (weight tying, a layer applied twice) is
+       exact: its uses share one ghost term (positions concatenated) when they read
+       it in the same layout and way, separate ones when they read disjoint parts of
+       it (e.g. slices of a fused weight), and otherwise its per-sample gradient is
+       the sum over all its uses.
+    4. Leaves that no equation consumes in a tappable way (a parameter returned as a
+       loss, or read by an equation with side effects) go through the generic
+       per-sample path: per-sample Jacobians of just those leaves, chunked.
 
-    The result is exact (up to rounding) and equals $J J^\top$ of the full Jacobian.
+    The result equals $J J^\top$ of the full Jacobian, up to rounding.
+
+    **Memory.** The operands and output cotangents of the tapped equations are kept
+    for the whole batch (about what a forward pass keeps for its backward pass, once
+    more per task). Per-sample gradients exist for `chunk_size` samples (two chunks)
+    at a time, and ghost terms for `chunk_size` x `chunk_size` blocks. With
+    `chunk_size=None`, every term's `B x B` intermediates may be alive at once.
 
     !!! warning "Batch independence"
 
@@ -115,8 +134,9 @@ def structured_value_and_gramian(
     A 3-tuple `(losses, gramian, vjp)`: `losses` of shape `(B,)` or `(B, T)`,
     `gramian` of shape `(B T, B T)` in the order of `losses.ravel()`, and
     `vjp(weights)`, which maps `weights` shaped like `losses` to the gradient of
-    $\sum w \cdot \ell$ w.r.t. every leaf of `diff` (a pytree shaped like `diff`),
-    reusing the forward pass.
+    $\sum w \cdot \ell$ w.r.t. every leaf of `diff` (selected or not), shaped like
+    `diff`, from the quantities already computed. Like the function returned by
+    `jax.vjp`, call it under the same transformation (e.g. inside the same `jax.jit`).
     """
     check_chunk_size(chunk_size)
     if not isinstance(batch, tuple):
