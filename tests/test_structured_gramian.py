@@ -264,18 +264,24 @@ class _Custom(eqx.Module):
     weight1: jax.Array
     weight2: jax.Array
     scale: jax.Array
+    mix: jax.Array
 
     def __call__(self, x):
         h = _wave(_dense_tanh(self.weight1, x) * self.scale)
+        # A product with a constant: the same operand for every sample.
+        fixed = jnp.cos(jnp.arange(3, dtype=x.dtype))
         # A jitted function inside the model: its equations are tapped too.
-        return eqx.filter_jit(lambda w, h: w @ h)(self.weight2, h)
+        return eqx.filter_jit(lambda w, h: w @ h)(self.weight2, h) + self.mix @ fixed
 
 
 def test_custom_rules():
     k1, k2, k3, k4 = jr.split(jr.key(5), 4)
     dtype = jnp.float64
     model = _Custom(
-        jr.normal(k1, (4, 3), dtype), jr.normal(k2, (2, 4), dtype), jnp.ones(4, dtype)
+        jr.normal(k1, (4, 3), dtype),
+        jr.normal(k2, (2, 4), dtype),
+        jnp.ones(4, dtype),
+        jr.normal(k1, (2, 3), dtype),
     )
     x = jr.normal(k3, (6, 3), dtype)
     y = jr.normal(k4, (6, 2), dtype)
@@ -290,12 +296,14 @@ class _Recurrent(eqx.Module):
     cell: eqx.nn.GRUCell
     inputs: jax.Array  # one weight matrix per step, scanned over as xs
     out: eqx.nn.Linear
+    gain: jax.Array
 
     def __call__(self, xs):
         def step(h, inp):
             x, weight = inp
             x = jax.checkpoint(lambda w, x: jnp.tanh(w @ x))(weight, x)
             h = self.cell(x, h)  # the cell's weights are used at every step
+            h = h + self.gain * jnp.sin(jnp.arange(h.shape[0], dtype=h.dtype))
             return h, h
 
         h0 = jnp.zeros(self.cell.hidden_size, xs.dtype)
@@ -310,6 +318,7 @@ def test_scan_recurrent():
         eqx.nn.GRUCell(3, 5, key=k1, dtype=dtype),
         jr.normal(k2, (4, 3, 3), dtype),
         eqx.nn.Linear(5, 2, key=k3, dtype=dtype),
+        jr.normal(k5, (5,), dtype),
     )
     xs = jr.normal(k4, (6, 4, 3), dtype)
     y = jr.normal(k5, (6, 2), dtype)

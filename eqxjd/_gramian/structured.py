@@ -176,7 +176,8 @@ def structured_value_and_gramian(
             outs, acts = run(closed, plan, [*full, *sample], zs_i)
             return outs[0], acts
 
-        return jax.vmap(one)(zs_, *sample_leaves)
+        capture_axes = {p: tap.capture_axes() for p, tap in plan.taps.items()}
+        return jax.vmap(one, out_axes=(0, capture_axes))(zs_, *sample_leaves)
 
     # One forward pass; the backward w.r.t. the perturbations gives the cotangents
     # (the leaves that could not be tapped are differentiated directly).
@@ -201,7 +202,7 @@ def structured_value_and_gramian(
 
     chunks = 1 if chunk_size is None else -(-size // min(chunk_size, size))
     terms = _terms(plan, selected, leaves, size, tasks, chunks)
-    g = _assemble(terms, leaves, acts, deltas, size, tasks, dtype, chunk_size)
+    g = _assemble(plan, terms, leaves, acts, deltas, size, tasks, dtype, chunk_size)
     if any(selected[i] for i in fallback):
         chosen = [i for i in fallback if selected[i]]
         g = g + _fallback_gramian(
@@ -311,6 +312,7 @@ def _update(plan: Plan, leaves: list, acts: dict, deltas: dict, weights: Array) 
     the equation over the whole batch (one batched product for a dense layer) at the
     captured operands and the cotangents $\sum_t w_{it} \delta_{it}$."""
     grads: dict = {}
+    samples = weights.shape[0]
     for tap in plan.taps.values():
         slots = [j for j in tap.slots if tap.views[j].leaf not in plan.fallback]
         if not slots:
@@ -331,7 +333,7 @@ def _update(plan: Plan, leaves: list, acts: dict, deltas: dict, weights: Array) 
             args = list(values)
             for position, j, w in zip(positions, slots, ws):
                 args[position] = tap.views[j].value(w)
-            return jax.vmap(lifted, in_axes=axes)(*args)
+            return jax.vmap(lifted, in_axes=axes, axis_size=samples)(*args)
 
         own = [leaves[tap.views[j].leaf] for j in slots]
         _, pull = jax.vjp(batched, own)
@@ -551,13 +553,14 @@ def _description(tap: Tap, slot: int, ghost: Ghost) -> tuple:
 def _tap_args(tap: Tap, leaves: list, acts: dict) -> tuple[list, tuple]:
     """Values of `tap.args()` for a chunk of samples, and their vmap axes (captured
     operands are per sample; views are the same for every sample)."""
-    captured = iter(acts[tap.path])
+    captured = iter(zip(acts[tap.path], tap.capture_axes()))
     values, axes = [], []
     for j in tap.args():
         view = tap.views[j]
         if view is None:
-            values.append(next(captured))
-            axes.append(0)
+            value, axis = next(captured)
+            values.append(value)
+            axes.append(axis)
         else:
             values.append(view.value(leaves[view.leaf]))
             axes.append(None)
@@ -592,7 +595,9 @@ def _group_factors(
         cot = over_levels(tap, cot_step, merge, extra=1)
         (delta,) = deltas[tap.path]
         per_task = jax.vmap(cot, in_axes=(None,) * len(values) + (0,))
-        act_parts.append(jax.vmap(act, in_axes=axes)(*values))
+        # axis_size: the operands may all be shared (a parameter times a constant).
+        samples = delta.shape[0]
+        act_parts.append(jax.vmap(act, in_axes=axes, axis_size=samples)(*values))
         cot_parts.append(jax.vmap(per_task, in_axes=axes + (0,))(*values, delta))
     if len(group.uses) == 1:
         return act_parts[0], cot_parts[0]
@@ -644,6 +649,7 @@ def _leaf_rows(term: _Rows, leaves, acts, deltas, rows: int) -> Array:
 
 
 def _assemble(
+    plan: Plan,
     terms: list,
     leaves: list,
     acts: dict,
@@ -661,7 +667,14 @@ def _assemble(
             acts_c, deltas_c = acts, deltas
         else:
             take = lambda x: lax.dynamic_slice_in_dim(x, start, c)
-            acts_c, deltas_c = jtu.tree_map(take, acts), jtu.tree_map(take, deltas)
+            acts_c = {
+                path: tuple(
+                    x if axis is None else take(x)
+                    for x, axis in zip(values, plan.taps[path].capture_axes())
+                )
+                for path, values in acts.items()
+            }
+            deltas_c = jtu.tree_map(take, deltas)
         ghost = [_group_factors(t, leaves, acts_c, deltas_c, dtype) for t in ghosts]
         mat = [_leaf_rows(t, leaves, acts_c, deltas_c, c * tasks) for t in rows]
         return ghost, [m.astype(dtype) for m in mat]

@@ -187,9 +187,10 @@ class Tap:
 
     `levels` are the lengths of the enclosing scans (outermost first): the
     perturbations and captured operands of a tap inside scans are stacked over them.
-    `captured` are the operands recorded per sample (not literals, not views);
-    `perturbed` the floating outputs, which carry the perturbations unless `alias`
-    gives their cotangent.
+    `captured` are the operands recorded (not literals, not views), per sample except
+    where `shared` (they depend neither on the sample nor on a perturbation, e.g. a
+    constant table: recorded once); `perturbed` the floating outputs, which carry the
+    perturbations unless `alias` gives their cotangent.
     """
 
     path: Path
@@ -197,8 +198,13 @@ class Tap:
     levels: tuple[int, ...]
     views: tuple[View | None, ...]
     captured: tuple[int, ...]
+    shared: tuple[bool, ...]
     perturbed: tuple[int, ...]
     alias: Alias | None = None
+
+    def capture_axes(self) -> tuple[int | None, ...]:
+        """The sample axis of each captured operand (None where shared)."""
+        return tuple(None if s else 0 for s in self.shared)
 
     @property
     def slots(self) -> tuple[int, ...]:
@@ -258,48 +264,76 @@ def analyse(closed: Any, leaf_shapes: list[tuple[int, ...] | None]) -> Plan:
     views = [
         None if shape is None else View(i, shape) for i, shape in enumerate(leaf_shapes)
     ]
-    views += [None] * (len(closed.jaxpr.invars) - len(views))
+    samples = len(closed.jaxpr.invars) - len(views)
+    views += [None] * samples
+    per_sample = [False] * len(leaf_shapes) + [True] * samples
     plan = Plan()
-    outs = _walk(closed.jaxpr, views, (), (), plan)
+    outs, _ = _walk(closed.jaxpr, views, per_sample, (), (), plan)
     # A parameter that is itself an output (through views only) has no equation to tap.
     plan.fallback |= {v.leaf for v in outs if v is not None}
     return plan
 
 
-def _walk(jaxpr: Any, in_views: list, path: Path, levels: tuple, plan: Plan) -> list:
+def _walk(
+    jaxpr: Any, in_views: list, in_batched: list, path: Path, levels: tuple, plan: Plan
+) -> tuple[list, list]:
+    """Finds the taps of `jaxpr` given which inputs are parameter views and which are
+    batched (may depend on the sample or on a perturbation); returns the same for its
+    outputs. "Batched" may over-approximate (then a shared value is recorded per
+    sample), never under-approximate (the interpreter's vmap relies on it)."""
     env = {v: w for v, w in zip(jaxpr.invars, in_views) if w is not None}
+    batched = {v for v, b in zip(jaxpr.invars, in_batched) if b}
+
+    def is_batched(v):
+        return not _is_literal(v) and v in batched
+
     for i, eqn in enumerate(jaxpr.eqns):
         views = tuple(None if _is_literal(v) else env.get(v) for v in eqn.invars)
-        if all(w is None for w in views):
-            continue
+        some_batched = any(is_batched(v) for v in eqn.invars)
         here = path + (i,)
-        prim = eqn.primitive
-        if prim in _STRUCTURAL and _structural_ok(eqn, views):
-            env[eqn.outvars[0]] = views[0].then(eqn)
-            continue
-        if prim in _INLINE:
-            body, _ = _sub_jaxpr(eqn)
-            outs = _walk(body, list(views), here, levels, plan)
-            plan.inline.add(here)
-            env.update({v: w for v, w in zip(eqn.outvars, outs) if w is not None})
-            continue
-        if prim is prims.scan_p and _walk_scan(eqn, views, here, levels, plan):
-            continue
-        perturbed = tuple(k for k, v in enumerate(eqn.outvars) if _is_float(v.aval))
-        if not perturbed:
-            continue  # no gradient flows back through integer or boolean outputs
-        if eqn.effects:
-            # Re-running an effectful equation per sample would repeat its effects.
-            plan.fallback |= {w.leaf for w in views if w is not None}
-            continue
-        captured = tuple(
-            j
-            for j, v in enumerate(eqn.invars)
-            if not _is_literal(v) and views[j] is None
+        outs_batched = _walk_eqn(
+            eqn, views, some_batched, is_batched, here, levels, plan, env
         )
-        plan.taps[here] = Tap(here, eqn, levels, views, captured, perturbed)
+        batched.update(v for v, b in zip(eqn.outvars, outs_batched) if b)
     _find_aliases(jaxpr, path, plan)
-    return [None if _is_literal(v) else env.get(v) for v in jaxpr.outvars]
+    outs = [None if _is_literal(v) else env.get(v) for v in jaxpr.outvars]
+    return outs, [is_batched(v) for v in jaxpr.outvars]
+
+
+def _walk_eqn(eqn, views, some_batched, is_batched, here, levels, plan, env) -> list:
+    """Records what `eqn` does with parameter views; returns whether each of its
+    outputs is batched."""
+    unchanged = [some_batched] * len(eqn.outvars)
+    if all(w is None for w in views):
+        return unchanged
+    prim = eqn.primitive
+    if prim in _STRUCTURAL and _structural_ok(eqn, views):
+        env[eqn.outvars[0]] = views[0].then(eqn)
+        return unchanged
+    if prim in _INLINE:
+        body, _ = _sub_jaxpr(eqn)
+        in_batched = [is_batched(v) for v in eqn.invars]
+        outs, outs_batched = _walk(body, list(views), in_batched, here, levels, plan)
+        plan.inline.add(here)
+        env.update({v: w for v, w in zip(eqn.outvars, outs) if w is not None})
+        return outs_batched
+    if prim is prims.scan_p:
+        in_batched = [is_batched(v) for v in eqn.invars]
+        if _walk_scan(eqn, views, in_batched, here, levels, plan):
+            return [True] * len(eqn.outvars)
+    perturbed = tuple(k for k, v in enumerate(eqn.outvars) if _is_float(v.aval))
+    if not perturbed:
+        return unchanged  # no gradient flows back through integer or boolean outputs
+    if eqn.effects:
+        # Re-running an effectful equation per sample would repeat its effects.
+        plan.fallback |= {w.leaf for w in views if w is not None}
+        return unchanged
+    captured = tuple(
+        j for j, v in enumerate(eqn.invars) if not _is_literal(v) and views[j] is None
+    )
+    shared = tuple(not is_batched(eqn.invars[j]) for j in captured)
+    plan.taps[here] = Tap(here, eqn, levels, views, captured, shared, perturbed)
+    return [True] * len(eqn.outvars)  # the perturbations are per sample
 
 
 _PASS = frozenset({prims.reshape_p, prims.squeeze_p, prims.transpose_p})
@@ -341,7 +375,9 @@ def _find_aliases(jaxpr: Any, path: Path, plan: Plan) -> None:
             break
 
 
-def _walk_scan(eqn: Any, views: tuple, path: Path, levels: tuple, plan: Plan) -> bool:
+def _walk_scan(
+    eqn: Any, views: tuple, in_batched: list, path: Path, levels: tuple, plan: Plan
+) -> bool:
     """Enters a scan whose parameters are constants (the same at every step: steps
     are positions) or `xs` (one slice per step); returns False, to tap the scan as a
     whole, if a parameter is in the carry or leaves the body."""
@@ -354,9 +390,17 @@ def _walk_scan(eqn: Any, views: tuple, path: Path, levels: tuple, plan: Plan) ->
     body_views += [
         None if w is None else w.stacked(depth) for w in views[nc + ncarry :]
     ]
+    # The carry and `xs` are taken as batched: the perturbations of the taps inside
+    # are scanned over with them.
+    body_batched = in_batched[:nc] + [True] * (len(views) - nc)
     trial = Plan()
-    outs = _walk(
-        params["jaxpr"].jaxpr, body_views, path, levels + (params["length"],), trial
+    outs, _ = _walk(
+        params["jaxpr"].jaxpr,
+        body_views,
+        body_batched,
+        path,
+        levels + (params["length"],),
+        trial,
     )
     if any(w is not None for w in outs):
         return False
