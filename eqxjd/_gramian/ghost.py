@@ -250,16 +250,18 @@ def ghost_block(
     c2, _, _, q = d2.shape[:4]
     if h == 1 and p == 1 and q == 1:
         # One position (dense layers): two plain products, (A A^T) * (D D^T).
+        same = left is right
         if index:
             acts = (a1[:, 0, 0][:, None] == a2[:, 0, 0][None, :]).astype(dtype)
         else:
             x1, x2 = a1[:, 0, 0].astype(dtype), a2[:, 0, 0].astype(dtype)
-            acts = jnp.matmul(x1, x2.T, precision=_HIGHEST)
+            acts = gram(x1) if same else jnp.matmul(x1, x2.T, precision=_HIGHEST)
         if ones:
             acts = acts + jnp.ones((), dtype)
         y1 = d1.reshape(c1 * tasks, -1).astype(dtype)
         y2 = d2.reshape(c2 * tasks, -1).astype(dtype)
-        cots = jnp.matmul(y1, y2.T, precision=_HIGHEST).reshape(c1, tasks, c2, tasks)
+        cots = gram(y1) if same else jnp.matmul(y1, y2.T, precision=_HIGHEST)
+        cots = cots.reshape(c1, tasks, c2, tasks)
         return (cots * acts[:, None, :, None]).reshape(c1 * tasks, c2 * tasks)
     if index:
         acts = (a1[:, None, :, :, None] == a2[None, :, :, None, :]).astype(dtype)
@@ -274,6 +276,22 @@ def ghost_block(
     )
     out = jnp.einsum("ijhpq,itjshpq->itjs", acts, cots, precision=_HIGHEST)
     return out.reshape(c1 * tasks, c2 * tasks)
+
+
+def gram(x: Array, blocks: int = 4) -> Array:
+    r"""$X X^\top$ from the blocks on and above the diagonal of a `blocks` x `blocks`
+    grid ($(k + 1) / 2k$ of the products: XLA has no symmetric product)."""
+    m = x.shape[0]
+    if m < 64 * blocks:
+        return jnp.matmul(x, x.T, precision=_HIGHEST)
+    edges = [m * i // blocks for i in range(blocks + 1)]
+    parts = [x[a:b] for a, b in zip(edges[:-1], edges[1:])]
+    grid: list[list] = [[None] * blocks for _ in range(blocks)]
+    for i in range(blocks):
+        for j in range(i, blocks):
+            grid[i][j] = jnp.matmul(parts[i], parts[j].T, precision=_HIGHEST)
+            grid[j][i] = grid[i][j].T
+    return jnp.block(grid)
 
 
 def use_cost(tap: Tap) -> int:

@@ -37,7 +37,7 @@ from jaxtyping import Array, Float, PyTree
 
 from .._checks import check_chunk_size, check_floating, check_losses
 from .common import batch_size, symmetrize
-from .ghost import Ghost, ghost_block, ghost_of, use_cost
+from .ghost import Ghost, ghost_block, ghost_of, gram, use_cost
 from .per_sample import chunk_starts, per_sample_gramian, per_sample_vector_fn
 from .taps import analyse, bind, over_levels, Plan, run, Tap
 
@@ -715,7 +715,7 @@ def _assemble(
 
 
 def _gram_rows(a: Array, b: Array) -> Array:
-    return jnp.matmul(a, b.T, precision=_HIGHEST)
+    return gram(a) if a is b else jnp.matmul(a, b.T, precision=_HIGHEST)
 
 
 def _fallback_gramian(
