@@ -162,8 +162,9 @@ def _structural_ok(eqn: Any, views: tuple) -> bool:
     if len(eqn.invars) != 1 or views[0] is None:
         return False
     if eqn.primitive is prims.reshape_p and eqn.params.get("dimensions") is not None:
-        return False
-    return True
+        return False  # a reshape that also transposes
+    # A conversion to integers ends the view (no gradient flows back through it).
+    return _is_float(eqn.outvars[0].aval)
 
 
 # ------------------------------------------------------------------------- the walk
@@ -359,7 +360,7 @@ def _find_aliases(jaxpr: Any, path: Path, plan: Plan) -> None:
             user = jaxpr.eqns[j]
             if user.primitive in _PASS and len(user.invars) == 1:
                 if not _structural_ok(user, (True,)):
-                    break  # a reshape that also transposes
+                    break
                 chain.append(user)
                 var = user.outvars[0]
                 continue
