@@ -12,3 +12,4 @@ from .per_sample import (
     per_sample_gramian as per_sample_gramian,
     per_sample_vector_fn as per_sample_vector_fn,
 )
+from .structured import structured_value_and_gramian as structured_value_and_gramian
