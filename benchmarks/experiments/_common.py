@@ -48,6 +48,8 @@ LABELS = {
 # One grid for every method (half-decades), so that no method gets a hand-picked one.
 LEARNING_RATES = (1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0, 3.0, 10.0)
 SEEDS = (0, 1, 2)
+# Seeds not used to select the learning rates: the reported comparison.
+FRESH_SEEDS = (3, 4, 5, 6, 7)
 
 
 def load_digits_split(seed: int, n_train: int):
@@ -94,21 +96,30 @@ def _progress(total: int, desc: str):
     return tqdm(total=total, desc=desc, unit="run", dynamic_ncols=True)
 
 
+def make_grid(methods, lrs, seeds, extra_lrs=None) -> list[tuple[str, float, int]]:
+    """Every (method, lr, seed); `extra_lrs[method]` adds learning rates to one
+    method."""
+    extra_lrs = extra_lrs or {}
+    return [
+        (m, lr, s)
+        for m in methods
+        for lr in sorted({*lrs, *extra_lrs.get(m, ())})
+        for s in seeds
+    ]
+
+
 def sweep(
     name: str,
     run_one: Callable[[str, float, int], dict],
     config: dict,
-    methods,
-    lrs,
-    seeds,
+    grid: list[tuple[str, float, int]],
     out: pathlib.Path,
 ) -> list[dict]:
-    """Runs every (method, lr, seed) not already saved in `out/runs` with the same
-    `config`; returns all runs of the grid."""
+    """Runs every (method, lr, seed) of `grid` not already saved in `out/runs` with
+    the same `config`; returns all runs of the grid."""
     runs_dir = out / "runs"
     runs_dir.mkdir(parents=True, exist_ok=True)
     _write_json(out / "config.json", config)
-    grid = [(m, lr, s) for m in methods for lr in lrs for s in seeds]
     results, pending = {}, []
     for key in grid:
         path = runs_dir / f"{run_name(*key)}.json"
@@ -144,6 +155,91 @@ def sweep(
     if bar is not None:
         bar.close()
     return [results[key] for key in grid]
+
+
+def run_experiment(
+    name: str,
+    description: str,
+    run_one: Callable[..., dict],
+    timer: Callable[..., Callable[[], float]],
+    results_table: Callable,
+    plot_title: str,
+    plot_ylabel: str,
+    full: dict,
+    quick: dict,
+    extra_lrs: dict[str, tuple[float, ...]] | None = None,
+    argv=None,
+):
+    """The command line of both experiments: the sweep on the selection seeds, the
+    selected learning rates rerun on fresh seeds, the timing, the summary and the
+    plot (from the fresh seeds)."""
+    args = parser(description).parse_args(argv)
+    methods = args.methods or list(AGGREGATORS)
+    lrs, seeds, fresh = args.lrs or LEARNING_RATES, args.seeds or SEEDS, FRESH_SEEDS
+    config, plot_name = dict(full), name
+    if args.quick:
+        # A deterministic JD method, the baseline and a random one; no fresh seeds.
+        methods = args.methods or ["upgrad", "mean", "random"]
+        lrs, seeds, fresh = args.lrs or (0.1,), args.seeds or (0,), ()
+        config = dict(quick)
+        name += "_quick"
+    if args.epochs:
+        config["epochs"] = args.epochs
+    out = args.out or RESULTS / name
+    figures = args.figures or out
+    start = time.perf_counter()
+
+    def run(m, lr, s):
+        return run_one(m, lr, s, **config)
+
+    extra = None if args.quick or args.lrs else extra_lrs
+    runs = sweep(name, run, config, make_grid(methods, lrs, seeds, extra), out)
+    best = select(runs)
+    fresh_grid = [(m, best[m], s) for m in methods for s in fresh]
+    fresh_runs = sweep(f"{name}, fresh seeds", run, config, fresh_grid, out)
+    epoch_ms = time_epochs(
+        lambda m, lr: timer(m, lr, **config),
+        best,
+        methods,
+        out,
+        rounds=2 if args.quick else 20,
+    )
+    setting = (
+        f"{config['n_train']} training images, batches of {config['batch_size']}, "
+        f"{config['epochs']} epochs"
+    )
+    parts = [
+        f"{description} ({setting}).",
+        "Learning rates selected on seeds "
+        f"{', '.join(map(str, seeds))}: per method, the lowest mean AUC.",
+    ]
+    if fresh_runs:
+        parts += [
+            f"At the selected learning rates, on seeds {', '.join(map(str, fresh))} "
+            "(not used for the selection; mean ± std over seeds):",
+            results_table(fresh_runs, best, methods, epoch_ms),
+        ]
+    parts += [
+        f"On the selection seeds {', '.join(map(str, seeds))}:",
+        results_table(runs, best, methods, epoch_ms),
+        "Mean AUC on the selection seeds for every learning rate (bold: selected):",
+        sweep_table(runs, methods),
+        f"`{command()}`; {environment()}.",
+    ]
+    summary = "\n\n".join(parts)
+    (out / "summary.md").write_text(summary + "\n")
+    print(summary)
+    path = plot_curves(
+        fresh_runs or runs,
+        best,
+        methods,
+        epoch_ms,
+        figures / f"{plot_name}.png",
+        plot_title,
+        ylabel=plot_ylabel,
+    )
+    print(f"\nplot saved to {path}; this call took {time.perf_counter() - start:.0f} s")
+    return runs, fresh_runs, best
 
 
 def error_message(e: Exception) -> str:
@@ -220,9 +316,11 @@ def time_epochs(
     return ms
 
 
-def sweep_table(runs, methods, lrs, curve_key="train_loss") -> str:
+def sweep_table(runs, methods, curve_key="train_loss") -> str:
     """Mean AUC for every (method, learning rate): the whole sweep. "div.": a seed
-    diverged (non-finite loss); "err.": a seed stopped on a failed run-time check."""
+    diverged (non-finite loss); "err.": a seed stopped on a failed run-time check;
+    blank: not run."""
+    lrs = sorted({r["lr"] for r in runs})
     head = "| method | " + " | ".join(f"{lr:g}" for lr in lrs) + " |"
     lines = [head, "|---" * (len(lrs) + 1) + "|"]
     best = select(runs, curve_key)

@@ -8,7 +8,8 @@ objectives, the batch means of the task losses (batches of 32), and every parame
 trunk and heads, follows plain SGD along their aggregation (the full Jacobian, three
 rows); Mean is thus exactly SGD on the average loss (computed as a plain gradient).
 One learning-rate grid for every method, three seeds; per method, the learning rate
-with the lowest mean area under the average training-loss curve is reported.
+with the lowest mean area under the average training-loss curve is selected, then
+rerun on five fresh seeds, which give the reported comparison.
 
     python benchmarks/experiments/digits_mtl.py            # the full sweep
     python benchmarks/experiments/digits_mtl.py --quick    # a smoke run
@@ -215,65 +216,19 @@ def results_table(runs, best, methods, epoch_ms) -> str:
 
 
 def main(argv=None):
-    args = common.parser(__doc__.splitlines()[0]).parse_args(argv)
-    methods = args.methods or list(common.AGGREGATORS)
-    lrs, seeds = args.lrs or common.LEARNING_RATES, args.seeds or common.SEEDS
-    config = dict(epochs=20, n_train=1024, batch_size=32)
-    name = "digits_mtl"
-    if args.quick:
-        methods = args.methods or ["upgrad", "mean", "random"]
-        lrs, seeds = args.lrs or (0.1,), args.seeds or (0,)
-        config = dict(epochs=2, n_train=256, batch_size=32)
-        name += "_quick"
-    if args.epochs:
-        config["epochs"] = args.epochs
-    out = args.out or common.RESULTS / name
-    figures = args.figures or out
-    start = time.perf_counter()
-    runs = common.sweep(
-        name,
-        lambda m, lr, s: run_one(m, lr, s, **config),
-        config,
-        methods,
-        lrs,
-        seeds,
-        out,
+    return common.run_experiment(
+        "digits_mtl",
+        "Multi-task digits (digit, parity, ≥ 5)",
+        run_one,
+        timer,
+        results_table,
+        "Multi-task digits: average training loss (selected learning rates, "
+        "fresh seeds)",
+        "average training loss",
+        full=dict(epochs=20, n_train=1024, batch_size=32),
+        quick=dict(epochs=2, n_train=256, batch_size=32),
+        argv=argv,
     )
-    best = common.select(runs)
-    epoch_ms = common.time_epochs(
-        lambda m, lr: timer(m, lr, **config),
-        best,
-        methods,
-        out,
-        rounds=2 if args.quick else 20,
-    )
-    summary = "\n\n".join(
-        [
-            f"Multi-task digits (digit, parity, ≥ 5): {config['n_train']} training "
-            f"images, batches of {config['batch_size']}, {config['epochs']} epochs, "
-            f"seeds {', '.join(map(str, seeds))}; per method the learning rate with "
-            "the lowest mean AUC of the average training loss (mean ± std over seeds; "
-            "per-task columns: means over seeds).",
-            results_table(runs, best, methods, epoch_ms),
-            "Mean AUC of the average training loss for every learning rate "
-            "(bold: selected):",
-            common.sweep_table(runs, methods, lrs),
-            f"`{common.command()}`; {common.environment()}.",
-        ]
-    )
-    (out / "summary.md").write_text(summary + "\n")
-    print(summary)
-    path = common.plot_curves(
-        runs,
-        best,
-        methods,
-        epoch_ms,
-        figures / "digits_mtl.png",
-        "Multi-task digits: average training loss (best learning rate per method)",
-        ylabel="average training loss",
-    )
-    print(f"\nplot saved to {path}; this call took {time.perf_counter() - start:.0f} s")
-    return runs, best
 
 
 if __name__ == "__main__":
