@@ -7,6 +7,7 @@ import re
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 
@@ -126,3 +127,28 @@ def test_sharded_iwrm():
     losses = [float(line.split()[-1]) for line in lines if "mean loss" in line]
     assert len(losses) == 4 and losses[-1] < losses[0], printed
     assert png.exists()
+
+
+def run_as_a_user(name, capsys):
+    # Flax and optax assume JAX's default promotion rules, not the suite's strict ones.
+    with jax.numpy_dtype_promotion("standard"), jax.numpy_rank_promotion("allow"):
+        return run(name, capsys)
+
+
+def test_flax_nnx_mtl(capsys):
+    pytest.importorskip("flax")
+    pytest.importorskip("sklearn")
+    histories, printed = run_as_a_user("flax_nnx_mtl", capsys)
+    assert set(histories) == {"upgrad", "mean"}
+    for history in histories.values():
+        assert_went_down(history)
+    assert printed.count("test accuracy") == 2
+
+
+def test_flax_linen_iwrm(capsys):
+    pytest.importorskip("flax")
+    pytest.importorskip("sklearn")
+    histories, printed = run_as_a_user("flax_linen_iwrm", capsys)
+    for history in histories.values():
+        assert_went_down(np.asarray(history)[:, None])
+    assert "[iwrm]" in printed and "[erm]" in printed
