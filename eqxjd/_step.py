@@ -25,6 +25,7 @@ from ._gramian import (
     independence_check,
     per_sample_gramian,
     per_sample_vector_fn,
+    structured_value_and_gramian,
     symmetrize,
 )
 from ._jacobian import fn_name, seeds, split_output, value_and_jac
@@ -213,9 +214,23 @@ class PerSampleGramian(AbstractStrategy):
     `fn(model, *batch, **kwargs)` returns the losses of a batch, shape `(B,)` (one per
     sample) or `(B, T)` (`T` tasks per sample, instance-wise multi-task learning);
     every array in the positional arguments has the leading batch axis `B`, and
-    `**kwargs` are shared by all samples. Per-sample gradients are obtained by calling
-    `fn` on batches of one under `vmap`, `chunk_size` samples at a time; the update
-    is one VJP of $\sum_i w_i \ell_i$ through the batched function.
+    `**kwargs` are shared by all samples. The per-sample losses are `fn` on batches of
+    one, under `vmap`.
+
+    - `method="structured"` (default): the Gramian comes from the activations and
+      output cotangents of one forward and one backward pass, without per-sample
+      gradients wherever the model's structure allows it. For a dense layer $y = W a$
+      at positions $p$, $G_{ij} = \sum_{p, q} (a_{ip} \cdot a_{jq})(\delta_{ip} \cdot
+      \delta_{jq})$; convolutions, embeddings and attention projections are handled
+      alike, and any other use of a parameter through that parameter's own
+      per-sample gradient. The update reuses the same forward pass. Nothing in the
+      model's code needs to change.
+    - `method="gradients"`: per-sample gradients of every parameter, `chunk_size`
+      samples at a time; the update is one VJP of $\sum_i w_i \ell_i$ through the
+      batched function.
+
+    Both are exact. With `has_aux=True`, the structured method evaluates `fn` once
+    more on the whole batch for its auxiliary output.
 
     !!! warning "Batch independence"
 
@@ -228,30 +243,56 @@ class PerSampleGramian(AbstractStrategy):
 
     chunk_size: int | None = eqx.field(default=None, static=True)
     check_independence: bool = eqx.field(default=False, static=True)
+    method: Literal["structured", "gradients"] = eqx.field(
+        default="structured", static=True
+    )
 
     def __check_init__(self):
         check_chunk_size(self.chunk_size)
+        if self.method not in ("structured", "gradients"):
+            raise ValueError(
+                f"`method` must be 'structured' or 'gradients'; got {self.method!r}."
+            )
 
     def linearize(self, f, diff, gram_spec, batch, batched_f) -> Linearized:
         size = batch_size(batch)
 
-        def losses_of(d):
+        def losses_of(d, *batch):
             losses, aux = batched_f(d, *batch)
-            if losses.ndim not in (1, 2) or losses.shape[0] != size:
+            if losses.ndim not in (1, 2) or losses.shape[0] != batch_size(batch):
                 raise ValueError(
                     f"With `PerSampleGramian`, the losses of a batch must have shape "
                     f"({size},) or ({size}, T); got {losses.shape}."
                 )
             return losses, aux
 
-        losses, vjp_fn, aux = jax.vjp(losses_of, diff, has_aux=True)
-        gram, rest = eqx.partition(diff, gram_spec)
-        gram, rest = lax.stop_gradient(gram), lax.stop_gradient(rest)
+        gram, rest = eqx.partition(lax.stop_gradient(diff), gram_spec)
 
         def loss_fn(g, *sample):
-            return batched_f(eqx.combine(g, rest), *sample)[0]
+            return losses_of(eqx.combine(g, rest), *sample)[0]
 
         vec = per_sample_vector_fn(loss_fn)
+        if self.method == "structured":
+            nothing = jtu.tree_map(lambda _: None, diff)
+            losses, g, vjp = structured_value_and_gramian(
+                lambda d, *b: losses_of(d, *b)[0],
+                diff,
+                nothing,
+                gram_spec,
+                batch,
+                chunk_size=self.chunk_size,
+            )
+            aux = None
+            if self.check_independence or _has_aux(losses_of, diff, batch):
+                batched, aux = losses_of(diff, *batch)
+            if self.check_independence:
+                # The checked losses of the whole batch (equal, when the check
+                # passes, to the per-sample ones).
+                losses = independence_check(batched, loss_fn, batch, vec, gram)
+            return Linearized(losses, aux, None, g, vjp)
+        losses, vjp_fn, aux = jax.vjp(
+            lambda d: losses_of(d, *batch), diff, has_aux=True
+        )
         if self.check_independence:
             losses = independence_check(losses, loss_fn, batch, vec, gram)
         tasks = 1 if losses.ndim == 1 else losses.shape[1]
@@ -261,11 +302,18 @@ class PerSampleGramian(AbstractStrategy):
         return Linearized(losses, aux, None, g, lambda c: vjp_fn(c)[0])
 
 
+def _has_aux(losses_of, diff, batch) -> bool:
+    """Whether the loss function returns an auxiliary output (traced abstractly)."""
+    _, aux = jax.eval_shape(losses_of, diff, *batch)
+    return aux is not None
+
+
 PerSampleGramian.__init__.__doc__ = """**Arguments:**
 
 - `chunk_size`: samples per chunk, or `None` for the whole batch at once.
 - `check_independence`: add the run-time batch-independence check (one extra
-    backward pass).
+    forward and backward pass).
+- `method`: `"structured"` (default) or `"gradients"`, see above.
 """
 
 

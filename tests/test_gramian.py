@@ -78,6 +78,10 @@ STRATEGIES = {
     "per-sample": eqxjd.PerSampleGramian(),
     # 3 does not divide 7: the last chunk overlaps the previous one.
     "per-sample-chunked": eqxjd.PerSampleGramian(chunk_size=3),
+    "per-sample-gradients": eqxjd.PerSampleGramian(method="gradients"),
+    "per-sample-gradients-chunked": eqxjd.PerSampleGramian(
+        chunk_size=3, method="gradients"
+    ),
 }
 
 
@@ -131,7 +135,11 @@ def test_conv_gramian(getkey):
         return (jax.vmap(m)(xs) - ys) ** 2
 
     expected = eqxjd.tree_gramian(_full_jacobian(losses, model, xs, ys))
-    for strategy in (eqxjd.PerSampleGramian(chunk_size=2), eqxjd.Gramian(2)):
+    for strategy in (
+        eqxjd.PerSampleGramian(chunk_size=2),
+        eqxjd.PerSampleGramian(chunk_size=2, method="gradients"),
+        eqxjd.Gramian(2),
+    ):
         _, g = _gramian_fn(losses, strategy)(model, xs, ys)
         assert rel_err(g, expected) < 1e-10
 
@@ -155,11 +163,12 @@ def test_per_sample_needs_independent_samples(getkey):
     _, g = _gramian_fn(_centred_losses, eqxjd.PerSampleGramian())(model, xs, ys)
     assert rel_err(g, expected) > 1e-3
     # ... which the optional check detects,
-    checked = eqxjd.PerSampleGramian(check_independence=True)
-    with pytest.raises(eqx.EquinoxRuntimeError, match="not independent"):
-        _gramian_fn(_centred_losses, checked)(model, xs, ys)
-    # while an independent function passes it.
-    _gramian_fn(per_sample_losses, checked)(_mlp(getkey()), xs, ys)
+    for method in ("structured", "gradients"):
+        checked = eqxjd.PerSampleGramian(check_independence=True, method=method)
+        with pytest.raises(eqx.EquinoxRuntimeError, match="not independent"):
+            _gramian_fn(_centred_losses, checked)(model, xs, ys)
+        # while an independent function passes it.
+        _gramian_fn(per_sample_losses, checked)(_mlp(getkey()), xs, ys)
 
 
 def test_scalar_losses_are_rejected_and_matrices_flattened(getkey):
@@ -300,7 +309,11 @@ def test_has_aux(getkey):
         losses = per_sample_losses(model, xs, ys)
         return losses, {"mean": jnp.mean(losses)}
 
-    for strategy in (eqxjd.Gramian(), eqxjd.PerSampleGramian()):
+    for strategy in (
+        eqxjd.Gramian(),
+        eqxjd.PerSampleGramian(),
+        eqxjd.PerSampleGramian(method="gradients"),
+    ):
         out = _step(with_aux, SOFTMIN, strategy, has_aux=True)(model, xs, ys)
         assert rel_err(out.aux["mean"], jnp.mean(out.losses)) < 1e-14
         (losses, aux), _ = _gramian_fn(with_aux, strategy, has_aux=True)(model, xs, ys)
@@ -325,6 +338,8 @@ def test_bad_input(getkey):
         gramian(lambda m, xs: jnp.arange(3))(model, xs)
     with pytest.raises(ValueError, match="chunk_size"):
         eqxjd.Gramian(chunk_size=0)
+    with pytest.raises((TypeError, ValueError), match="method"):
+        eqxjd.PerSampleGramian(method="ghost")  # pyright: ignore[reportArgumentType]
     with pytest.raises(ValueError, match="filter_spec"):
         gramian(per_sample_losses, filter_spec=False)(model, xs, ys)
     with pytest.raises(ValueError, match="leading batch axis"):
@@ -398,7 +413,7 @@ def test_chunked_kernels_exact(getkey, kernel, name, tasks):
     fn = task_losses if tasks else per_sample_losses
     expected = eqxjd.tree_gramian(_full_jacobian(fn, model, xs, ys))
     for chunk in (2, 3, 4):  # 2 and 3 leave an overlapping last chunk; k = 2 for 4
-        strategy = eqxjd.PerSampleGramian(chunk_size=chunk)
+        strategy = eqxjd.PerSampleGramian(chunk_size=chunk, method="gradients")
         _, g = _gramian_fn(fn, strategy)(model, xs, ys)
         assert g.shape == (7 * out, 7 * out)
         assert rel_err(g, expected) < 1e-10
@@ -434,5 +449,6 @@ def test_kernel_choice(getkey):
     # Forward mode unsupported: the pairwise kernel, still exact.
     assert not cheap(lambda g, x, y: square(vec(g, x, y)), gram, (xs, ys))
     expected = eqxjd.tree_gramian(_full_jacobian(losses, wide, xs, ys))
-    _, g = _gramian_fn(losses, eqxjd.PerSampleGramian(chunk_size=3))(wide, xs, ys)
+    strategy = eqxjd.PerSampleGramian(chunk_size=3, method="gradients")
+    _, g = _gramian_fn(losses, strategy)(wide, xs, ys)
     assert rel_err(g, expected) < 1e-10

@@ -728,5 +728,9 @@ def _fallback_gramian(
     rest = [None if i in chosen else x for i, x in enumerate(leaves)]
     own_tree = lax.stop_gradient(jtu.tree_unflatten(diff_def, own))
     rest_tree = lax.stop_gradient(jtu.tree_unflatten(diff_def, rest))
-    vec = per_sample_vector_fn(loss_fn, rest_tree, static, batched=True)
+
+    def own_loss(own, *batch):
+        return loss_fn(eqx.combine(own, rest_tree, static), *batch)
+
+    vec = per_sample_vector_fn(own_loss)
     return per_sample_gramian(vec, own_tree, batch, size, tasks, dtype, chunk_size)
