@@ -285,10 +285,10 @@ class PerSampleGramian(AbstractStrategy):
             aux = None
             if self.check_independence or _has_aux(losses_of, diff, batch):
                 batched, aux = losses_of(diff, *batch)
-            if self.check_independence:
-                # The checked losses of the whole batch (equal, when the check
-                # passes, to the per-sample ones).
-                losses = independence_check(batched, loss_fn, batch, vec, gram)
+                if self.check_independence:
+                    # The checked losses of the whole batch (equal, when the check
+                    # passes, to the per-sample ones).
+                    losses = independence_check(batched, loss_fn, batch, vec, gram)
             return Linearized(losses, aux, None, g, vjp)
         losses, vjp_fn, aux = jax.vjp(
             lambda d: losses_of(d, *batch), diff, has_aux=True

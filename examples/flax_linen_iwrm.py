@@ -17,6 +17,7 @@ Nothing is downloaded.
 
 import pathlib
 import sys
+from typing import cast
 
 import equinox as eqx
 import eqxjd
@@ -37,9 +38,9 @@ def load_data(seed=0, n_train=1024):
     images, the rest for testing."""
     from sklearn.datasets import load_digits
 
-    digits = load_digits()
-    x = digits.images[..., None].astype(np.float32) / 16.0
-    y = digits.target.astype(np.int32)
+    pixels, target = load_digits(return_X_y=True)
+    x = pixels.reshape(-1, 8, 8, 1).astype(np.float32) / 16.0
+    y = target.astype(np.int32)
     order = np.random.default_rng(seed).permutation(len(y))
     train, test = order[:n_train], order[n_train:]
     return (jnp.asarray(x[train]), jnp.asarray(y[train])), (
@@ -129,7 +130,8 @@ def main(
             history.append(float(jnp.mean(jnp.stack(losses))))
             if epoch % max(epochs // 5, 1) == 0 or epoch == epochs - 1:
                 print(f"[{name}] epoch {epoch:3d}   mean loss {history[-1]:.5f}")
-        logits = model.apply({"params": p, **rest}, x_test)
+        trained: dict = {"params": p, **rest}
+        logits = cast(jax.Array, model.apply(trained, x_test))
         accuracy = float(jnp.mean(jnp.argmax(logits, axis=1) == y_test))
         print(f"[{name}] test accuracy {accuracy:.3f}")
         histories[name] = np.asarray(history)

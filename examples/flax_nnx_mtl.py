@@ -33,9 +33,9 @@ def load_data(seed=0, n_train=None):
     """Digits scaled to [0, 1], their class and parity; a 75/25 train/test split."""
     from sklearn.datasets import load_digits
 
-    digits = load_digits()
-    x = digits.data.astype(np.float32) / 16.0
-    y = digits.target.astype(np.int32)
+    pixels, target = load_digits(return_X_y=True)
+    x = pixels.astype(np.float32) / 16.0
+    y = target.astype(np.int32)
     order = np.random.default_rng(seed).permutation(len(y))
     split = (3 * len(y)) // 4
     train, test = order[:split][:n_train], order[split:]

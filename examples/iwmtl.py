@@ -87,9 +87,9 @@ def main(epochs=20, quick=False, seed=0, lr=0.05, batches=8, batch_size=16, task
         for b in range(batches):
             model, out = step(model, x[b], y[b])
             losses.append(out.losses)
+            if epoch == 0 and b == 0:
+                print(f"losses {out.losses.shape}, weights {out.weights.shape}")
         history.append(np.asarray(jnp.mean(jnp.stack(losses), axis=(0, 1))))
-        if epoch == 0:
-            print(f"losses {out.losses.shape}, weights {out.weights.shape}")
         if epoch % max(epochs // 5, 1) == 0 or epoch == epochs - 1:
             per_task = "  ".join(
                 f"task {t}: {v:.5f}" for t, v in enumerate(history[-1])

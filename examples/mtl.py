@@ -31,10 +31,9 @@ def load_data(seed=0, n=None):
     an 80/20 train/test split."""
     from sklearn.datasets import load_diabetes
 
-    data = load_diabetes()
-    features = np.delete(data.data, 1, axis=1)
-    sex = (data.data[:, 1] > 0).astype(np.float64)
-    progression = data.target
+    data, progression = map(np.asarray, load_diabetes(return_X_y=True))
+    features = np.delete(data, 1, axis=1)
+    sex = (data[:, 1] > 0).astype(np.float64)
     rng = np.random.default_rng(seed)
     order = rng.permutation(len(progression))
     if n is not None:
@@ -88,10 +87,11 @@ def train(method, trunk, heads, train_data, steps, lr):
             features_fn, losses_fn, eqxjd.UPGrad()
         )
 
-        def value_and_update(trunk, heads, *data):
+        def aggregated(trunk, heads, *data):
             out = step_fn(trunk, heads, *data)
             return out.losses, out.update
 
+        value_and_update = aggregated
     else:
 
         def mean_loss(params, *data):
@@ -101,9 +101,11 @@ def train(method, trunk, heads, train_data, steps, lr):
 
         grad_fn = eqx.filter_value_and_grad(mean_loss, has_aux=True)
 
-        def value_and_update(trunk, heads, *data):
+        def mean_gradient(trunk, heads, *data):
             (_, losses), grads = grad_fn((trunk, heads), *data)
             return losses, grads
+
+        value_and_update = mean_gradient
 
     @eqx.filter_jit
     def step(trunk, heads, *data):

@@ -73,11 +73,13 @@ def main(epochs=30, quick=False, seed=0, lr=0.05, batches=8, batch_size=16, plot
     step = make_step(lr, eqxjd.UPGrad(), last_layers(model))
     history = []
     for epoch in range(epochs):
-        losses = []
+        losses, weights = [], []
         for b in range(batches):
-            model, batch_losses, weights = step(model, x[b], y[b])
+            model, batch_losses, batch_weights = step(model, x[b], y[b])
             losses.append(batch_losses)
+            weights.append(batch_weights)
         history.append(float(jnp.mean(jnp.stack(losses))))
+        weights = weights[-1]
         if epoch % max(epochs // 5, 1) == 0 or epoch == epochs - 1:
             print(
                 f"epoch {epoch:3d}   mean loss {history[-1]:.5f}   "

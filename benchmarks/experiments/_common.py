@@ -58,9 +58,9 @@ def load_digits_split(seed: int, n_train: int):
     testing."""
     from sklearn.datasets import load_digits
 
-    digits = load_digits()
-    x = digits.images.astype(np.float32) / 16.0
-    y = digits.target.astype(np.int32)
+    pixels, target = load_digits(return_X_y=True)
+    x = pixels.reshape(-1, 8, 8).astype(np.float32) / 16.0
+    y = target.astype(np.int32)
     order = np.random.default_rng(seed).permutation(len(y))
     train, test = order[:n_train], order[n_train:]
     return (x[train], y[train]), (x[test], y[test])

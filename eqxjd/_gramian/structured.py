@@ -282,6 +282,7 @@ def _with_aliases(plan: Plan, deltas: dict) -> dict:
     def resolve(tap: Tap):
         if tap.path not in deltas:
             alias = tap.alias
+            assert alias is not None  # a tap without its own cotangent is an alias
             (target,) = resolve(plan.taps[alias.target])
             lead = 2 + len(tap.levels)  # samples, tasks, scan steps
             for eqn in reversed(alias.chain):
@@ -314,7 +315,7 @@ def _update(plan: Plan, leaves: list, acts: dict, deltas: dict, weights: Array) 
     grads: dict = {}
     samples = weights.shape[0]
     for tap in plan.taps.values():
-        slots = [j for j in tap.slots if tap.views[j].leaf not in plan.fallback]
+        slots = [j for j in tap.slots if tap.view(j).leaf not in plan.fallback]
         if not slots:
             continue
         values, axes = _tap_args(tap, leaves, acts)
@@ -332,15 +333,15 @@ def _update(plan: Plan, leaves: list, acts: dict, deltas: dict, weights: Array) 
         ):
             args = list(values)
             for position, j, w in zip(positions, slots, ws):
-                args[position] = tap.views[j].value(w)
+                args[position] = tap.view(j).value(w)
             return jax.vmap(lifted, in_axes=axes, axis_size=samples)(*args)
 
-        own = [leaves[tap.views[j].leaf] for j in slots]
+        own = [leaves[tap.view(j).leaf] for j in slots]
         _, pull = jax.vjp(batched, own)
         cot = tuple(_weighted(d, weights) for d in deltas[tap.path])
         (parts,) = pull(cot)
         for j, part in zip(slots, parts):
-            leaf = tap.views[j].leaf
+            leaf = tap.view(j).leaf
             grads[leaf] = part if leaf not in grads else grads[leaf] + part
     return grads
 
@@ -384,7 +385,7 @@ def _terms(
     uses = defaultdict(list)
     for tap in plan.taps.values():
         for slot in tap.slots:
-            leaf = tap.views[slot].leaf
+            leaf = tap.view(slot).leaf
             if selected[leaf] and leaf not in plan.fallback:
                 uses[leaf].append((tap, slot))
     terms = []
@@ -420,8 +421,9 @@ def _fold_biases(terms: list) -> list:
     out = []
     for term in terms:
         if isinstance(term, _Rows):
-            found = [owner.get(tap.path) for tap, _ in term.uses]
-            if all(f is not None for f in found):
+            maybe = [owner.get(tap.path) for tap, _ in term.uses]
+            found = [f for f in maybe if f is not None]
+            if len(found) == len(maybe):
                 group = found[0][0]
                 if (
                     id(group) not in folded
@@ -444,12 +446,12 @@ def _is_bias(use: tuple[Tap, int, Ghost], add: Tap, slot: int) -> bool:
     of feature $n$ of the product `use`, for a permutation $\pi$ (so that its
     per-sample gradient is $\sum_p d_{ip}$ up to a permutation)."""
     tap, w_slot, ghost = use
-    view = add.views[slot]
+    view = add.view(slot)
     if (
         ghost.h != 1
         or ghost.cot_layout is None
         or view.stack_levels
-        or tap.views[w_slot].stack_levels
+        or tap.view(w_slot).stack_levels
     ):
         return False
     shape = add.eqn.outvars[0].aval.shape
@@ -457,6 +459,7 @@ def _is_bias(use: tuple[Tap, int, Ghost], add: Tap, slot: int) -> bool:
         index = np.broadcast_to(view.index(), shape)
     except ValueError:
         return False
+    assert tap.alias is not None
     for eqn in reversed(tap.alias.chain):
         index = _unapply(eqn, index, 0, np)
     index = ghost.cot_layout(index)
@@ -481,13 +484,13 @@ def _ghost_cost(group: _GhostGroup, tasks: int) -> int:
 
 def _stacked(tap: Tap, slot: int) -> int:
     """Steps folded into H (scans over the parameter)."""
-    levels = tap.views[slot].stack_levels
+    levels = tap.view(slot).stack_levels
     return math.prod(n for d, n in enumerate(tap.levels) if d in levels)
 
 
 def _positions(tap: Tap, slot: int, ghost: Ghost) -> int:
     """Positions per sample: the ghost's, times the steps of scans that reuse it."""
-    levels = tap.views[slot].stack_levels
+    levels = tap.view(slot).stack_levels
     return ghost.p * math.prod(n for d, n in enumerate(tap.levels) if d not in levels)
 
 
@@ -499,20 +502,21 @@ _LAYOUT_LIMIT = 1 << 22
 def _ghost_groups(uses: list) -> list[_GhostGroup] | None:
     """The uses of one leaf as ghost groups, or None if some use has no ghost form or
     two uses read overlapping parts of the leaf in different layouts."""
-    ghosts = [ghost_of(tap, slot) for tap, slot in uses]
-    if any(g is None for g in ghosts):
+    maybe = [ghost_of(tap, slot) for tap, slot in uses]
+    ghosts = [g for g in maybe if g is not None]
+    if len(ghosts) < len(maybe):
         return None
     entries = [(tap, slot, ghost) for (tap, slot), ghost in zip(uses, ghosts)]
     if len({_description(*entry) for entry in entries}) == 1:
         # Same view of the leaf, read the same way (a layer applied several times):
         # the layouts are equal, the positions are concatenated.
         return [_GhostGroup(ghosts[0].index, tuple(entries))]
-    view = uses[0][0].views[uses[0][1]]
+    view = uses[0][0].view(uses[0][1])
     if math.prod(view.leaf_shape) > _LAYOUT_LIMIT:
         return None
     keyed: dict = {}
     for tap, slot, ghost in entries:
-        view = tap.views[slot]
+        view = tap.view(slot)
         layout = ghost.layout(view.index(), view.nstack)
         layout = layout.reshape((-1,) + layout.shape[-2:])
         key = (ghost.index, layout.shape, layout.tobytes())
@@ -530,7 +534,7 @@ def _ghost_groups(uses: list) -> list[_GhostGroup] | None:
 def _description(tap: Tap, slot: int, ghost: Ghost) -> tuple:
     """What determines a use's layout: the view's steps and the consuming equation,
     as seen from the parameter's side."""
-    view = tap.views[slot]
+    view = tap.view(slot)
     steps = tuple(
         step if step == "stack" else (str(step[0].primitive), repr(step[0].params))
         for step in view.steps
@@ -583,7 +587,7 @@ def _group_factors(
     act_parts, cot_parts = [], []
     for tap, slot, ghost in group.uses:
         values, axes = _tap_args(tap, leaves, acts)
-        merge = ft.partial(_merge, tap.views[slot].stack_levels)
+        merge = ft.partial(_merge, tap.view(slot).stack_levels)
 
         def act_step(*args, tap=tap, ghost=ghost):
             return ghost.act(tap.operands(args))
@@ -626,7 +630,7 @@ def _leaf_rows(term: _Rows, leaves, acts, deltas, rows: int) -> Array:
     for tap, slot in term.uses:
         values, axes = _tap_args(tap, leaves, acts)
         position = tap.args().index(slot)
-        view = tap.views[slot]
+        view = tap.view(slot)
         lifted = over_levels(tap, ft.partial(_step, tap, _precise(tap.eqn)))
 
         def per_sample(*args, lifted=lifted, view=view, position=position):

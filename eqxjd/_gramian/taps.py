@@ -207,6 +207,12 @@ class Tap:
         """The sample axis of each captured operand (None where shared)."""
         return tuple(None if s else 0 for s in self.shared)
 
+    def view(self, slot: int) -> View:
+        """The parameter view read as operand `slot` (one of `slots`)."""
+        view = self.views[slot]
+        assert view is not None
+        return view
+
     @property
     def slots(self) -> tuple[int, ...]:
         return tuple(j for j, v in enumerate(self.views) if v is not None)
