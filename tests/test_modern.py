@@ -1,4 +1,4 @@
-"""Tests of the modern methods (issue 4): FairGrad, GradVac, PCD, ExcessMTL, CR-MOGM,
+"""Tests of the modern methods: FairGrad, GradVac, PCD, ExcessMTL, CR-MOGM,
 MoDo and SDMGrad. Reference values are TorchJD 0.18.0 (float64)."""
 
 import equinox as eqx
@@ -41,417 +41,16 @@ def rel(x, y):
     return float(np.max(np.abs(x - y)) / max(np.max(np.abs(y)), 1e-300))
 
 
-# TorchJD 0.18.0 weights, float64, produced with /work/torchvenv (torch 2.13.0) by:
-#   for every sequence above, a fresh TorchJD object, called on seq[k] (Gramian methods:
-#   GramianWeightedAggregator / the Weighting on J J^T) after `torch.manual_seed(k)`;
-#   MoDo / SDMGrad on cross(seq)[k]; FairGrad on seq[k] @ seq[k].T. Configurations:
-#   gradvac = GradVac(), gradvac_b0.2 = GradVac(beta=0.2, eps=1e-6), pcd = PCD(),
-#   pcd_t0.5_b0.9 = PCD(tau=0.5, beta=0.9),
-#   pcd_tauvec = PCD(tau=[.1, .2, .3, .4], beta=.5), excess = ExcessMTL(),
-#   excess_r0.1_w1 = ExcessMTL(robust_step_size=0.1, n_warmup_steps=1),
-#   crmogm_mgda = CRMOGMWeighting(MGDAWeighting(), alpha=0.5), crmogm_gradvac_init =
-#   CRMOGMWeighting(GradVacWeighting(), alpha=0.7, initial_weights=arange(1, m + 1)),
-#   modo = MoDoWeighting(), modo_g0.5_r0 = MoDoWeighting(gamma=0.5, rho=0.0),
-#   sdmgrad = SDMGradWeighting(), sdmgrad_custom = SDMGradWeighting(lr=1.0,
-#   momentum=0.9, n_iter=5, lambda_=0.6, pref_vector=[.1, .2, .3, .2, .2] (m = 5) or
-#   [.25, .75] (m = 2)), fairgrad_a<alpha> = FairGradWeighting(alpha).
-#   draws/<seq> are the `torch.randperm(m - 1)` draws of GradVac on call k (seed k),
-#   one row per objective.
-_TORCHJD = {
-    "gradvac/s5": [
-        [
-            1.0,
-            2.928923858286373,
-            1.1019819772233552,
-            1.363415552710911,
-            1.2135728964121448,
-        ],
-        [
-            1.7438038260597095,
-            1.8068890753290374,
-            1.7163542175446302,
-            1.5811998734614399,
-            1.6969934640741426,
-        ],
-        [1.0, 1.329408486086027, 1.0, 1.3744013058714892, 1.4499812524029112],
-    ],
-    "gradvac_b0.2/s5": [
-        [
-            1.0,
-            2.9289223389381944,
-            1.1019819345172122,
-            1.363415372903403,
-            1.21357284226788,
-        ],
-        [
-            1.5714927493429096,
-            1.7949564642612332,
-            1.5811763009050703,
-            1.4838886571236793,
-            1.261982036476626,
-        ],
-        [
-            1.0820598661032237,
-            1.3249469753527778,
-            1.0,
-            1.2399314725478807,
-            1.241522258151981,
-        ],
-    ],
-    "pcd/s5": [
-        [1.0, 0.0, 0.0, 0.0, 0.0],
-        [
-            1.1402278816828564,
-            0.8512511639483058,
-            0.3591757820386263,
-            0.02014620017588693,
-            0.0,
-        ],
-        [1.0066044347326637, 0.15327802961933185, 0.0, 0.0, 0.0],
-    ],
-    "pcd_t0.5_b0.9/s5": [
-        [
-            0.7308919966114248,
-            0.5057443140628114,
-            0.41811430383873455,
-            0.4022459574362469,
-            0.0,
-        ],
-        [0.7844604252526262, 1.5053044659280916, 1.2096186295085198, 0.0, 0.0],
-        [0.8119721453545795, 0.6674884439265432, 0.0, 0.0, 0.060614870556651844],
-    ],
-    "excess/s5": [
-        [
-            0.8381243874163431,
-            0.0020109443595279423,
-            0.042492569762145355,
-            0.04336630330244681,
-            0.07400579515953667,
-        ],
-        [
-            0.8600893540217489,
-            0.004769880433646004,
-            0.04004200394115377,
-            0.03968337067132468,
-            0.05541539093212671,
-        ],
-        [
-            0.8361103206295547,
-            0.017259194167778723,
-            0.03520920779178382,
-            0.03516107926638806,
-            0.07626019814449465,
-        ],
-    ],
-    "excess_r0.1_w1/s5": [
-        [0.2, 0.2, 0.2, 0.2, 0.2],
-        [
-            0.19855123979758138,
-            0.21590357702064492,
-            0.19686539139147957,
-            0.19628843339928786,
-            0.19239135839100624,
-        ],
-        [
-            0.19214274148136554,
-            0.23828160585295738,
-            0.18860916743525633,
-            0.18819992745438177,
-            0.19276655777603918,
-        ],
-    ],
-    "crmogm_mgda/s5": [
-        [
-            0.008519169496439329,
-            0.6094059881679454,
-            0.026304141649629513,
-            0.147121380179303,
-            0.20864932050668236,
-        ],
-        [
-            0.08498464168082104,
-            0.42838429787312965,
-            0.1666584549679109,
-            0.12879902793425668,
-            0.19117357754388145,
-        ],
-        [
-            0.049723715576156124,
-            0.27960391825578934,
-            0.26949685128913387,
-            0.27678250769451246,
-            0.12439300718440802,
-        ],
-    ],
-    "crmogm_gradvac_init/s5": [
-        [
-            1.0,
-            2.278677157485912,
-            2.4305945931670063,
-            3.2090246658132733,
-            3.8640718689236433,
-        ],
-        [
-            1.2231411478179128,
-            2.1371407328388496,
-            2.2163224804802937,
-            2.720677228107723,
-            3.2139483474687927,
-        ],
-        [
-            1.156198803472539,
-            1.8948210588130028,
-            1.8514257363362054,
-            2.316794451436853,
-            2.684758218949028,
-        ],
-    ],
-    "pcd_tauvec/s5": [
-        [0.9671665455228107, 0.0, 0.15309154783273007, 0.07329438207268381, 0.0],
-        [
-            1.0731203324007823,
-            0.9001456744327171,
-            0.6401032611133255,
-            0.39981306483246615,
-            0.0,
-        ],
-        [1.0002433737670362, 0.24685950783678606, 0.0, 0.0, 0.0],
-    ],
-    "draws/s5": [
-        [[0, 1, 3, 2], [0, 2, 3, 1], [3, 2, 0, 1], [3, 0, 2, 1], [0, 1, 2, 3]],
-        [[1, 3, 2, 0], [0, 2, 3, 1], [3, 0, 1, 2], [0, 3, 1, 2], [0, 3, 1, 2]],
-        [[0, 1, 3, 2], [0, 3, 1, 2], [2, 0, 1, 3], [3, 1, 0, 2], [3, 2, 0, 1]],
-    ],
-    "modo/s5": [
-        [
-            0.25399722940336744,
-            0.4136293637997198,
-            0.1770173971159777,
-            0.14152191698791156,
-            0.01383409269302352,
-        ],
-        [
-            0.3695090526707062,
-            0.26164818047441446,
-            0.18166476373682744,
-            0.18717800311805188,
-            0.0,
-        ],
-        [
-            0.4481830674902044,
-            0.16501243657288325,
-            0.054607316858414946,
-            0.2682459176284093,
-            0.06395126145008807,
-        ],
-    ],
-    "modo_g0.5_r0/s5": [
-        [0.10091966400911906, 0.8990803359908809, 0.0, 0.0, 0.0],
-        [0.0, 0.7458649762083973, 0.0, 0.2541350237916027, 0.0],
-        [0.35585549330066785, 0.0, 0.0, 0.6109645899371463, 0.03317991676218594],
-    ],
-    "sdmgrad/s5": [
-        [
-            0.04615384615384615,
-            0.8153846153846154,
-            0.04615384615384615,
-            0.04615384615384615,
-            0.04615384615384615,
-        ],
-        [
-            0.8153846153846154,
-            0.04615384615384615,
-            0.04615384615384615,
-            0.04615384615384615,
-            0.04615384615384615,
-        ],
-        [
-            0.04615384615384615,
-            0.8153846153846154,
-            0.04615384615384615,
-            0.04615384615384615,
-            0.04615384615384615,
-        ],
-    ],
-    "sdmgrad_custom/s5": [
-        [0.0375, 0.7000000000000001, 0.11249999999999999, 0.075, 0.075],
-        [0.6625, 0.075, 0.11249999999999999, 0.075, 0.075],
-        [0.0375, 0.075, 0.11249999999999999, 0.7000000000000001, 0.075],
-    ],
-    "fairgrad_a0.5/s5": [
-        [
-            0.31024429023763384,
-            0.9337748961842696,
-            0.42626136258454606,
-            0.4759542065432696,
-            0.4113774030765368,
-        ],
-        [
-            0.5213922363780543,
-            0.5948032010403431,
-            0.6796281561712415,
-            0.5331642054373913,
-            0.5787489548031348,
-        ],
-        [
-            0.3341905542011398,
-            0.48032060287444633,
-            0.4966913585883295,
-            0.5557609609198516,
-            0.35185097759124184,
-        ],
-    ],
-    "fairgrad_a1.0/s5": [
-        [
-            0.1451843098580678,
-            0.8701013650112781,
-            0.27826019247820893,
-            0.36451167548317953,
-            0.29994434267016706,
-        ],
-        [
-            0.3826241371248659,
-            0.46459909073667494,
-            0.5565274703370944,
-            0.38015601401163446,
-            0.44090774614828665,
-        ],
-        [
-            0.18211703885090647,
-            0.321734928829395,
-            0.37282196469533846,
-            0.4338274765107893,
-            0.20872344674061033,
-        ],
-    ],
-    "fairgrad_a2.0/s5": [
-        [
-            0.04220285718013763,
-            0.8442548204033063,
-            0.1740032533563587,
-            0.2968946649351019,
-            0.26231943614965086,
-        ],
-        [
-            0.2838280904886465,
-            0.3690044814157679,
-            0.4564652552966758,
-            0.2636476218856884,
-            0.334804806071756,
-        ],
-        [
-            0.08747129954864989,
-            0.20945120675579307,
-            0.29525201244521126,
-            0.351869626878458,
-            0.12407931224390785,
-        ],
-    ],
-    "fairgrad_a5.0/s5": [
-        [
-            0.0010430015409558843,
-            0.8163750753913771,
-            0.09291048011702904,
-            0.239023813730533,
-            0.2608042288007772,
-        ],
-        [
-            0.2135398175429624,
-            0.30116652556895346,
-            0.37738495633585745,
-            0.1733332681605449,
-            0.2507657710048446,
-        ],
-        [
-            0.02566168429687099,
-            0.130171631497938,
-            0.24702043813051391,
-            0.298540458108563,
-            0.07553140094152715,
-        ],
-    ],
-    "gradvac/s2": [
-        [2.2222222188740886, 1.5789473672605099],
-        [1.9486768267570143, 1.8773444715841054],
-        [1.0, 1.0],
-    ],
-    "gradvac_b0.2/s2": [
-        [2.222221887408928, 1.5789472523668016],
-        [1.9977170976995515, 1.9226973542984385],
-        [1.0, 1.0],
-    ],
-    "pcd/s2": [
-        [1.8480605594852964, 1.095368247769963],
-        [6.184624749018993, 5.958610860564749],
-        [1.0, 0.0],
-    ],
-    "pcd_t0.5_b0.9/s2": [
-        [1.3578165442892485, 1.2533610336377028],
-        [2.455844498050346, 3.2142030729771087],
-        [1.0, 0.0],
-    ],
-    "excess/s2": [
-        [0.11920292158464424, 0.8807970784153557],
-        [0.1255547998470339, 0.8744452001529661],
-        [0.12101767319682935, 0.8789823268031707],
-    ],
-    "excess_r0.1_w1/s2": [
-        [0.5, 0.5],
-        [0.501478812970751, 0.49852118702924886],
-        [0.5004292950724765, 0.49957070492752353],
-    ],
-    "crmogm_mgda/s2": [
-        [0.6000000000000001, 0.4000000000000001],
-        [0.5549169708406936, 0.4450830291593066],
-        [0.7774584854203468, 0.2225415145796533],
-    ],
-    "crmogm_gradvac_init/s2": [
-        [1.3666666656622266, 1.873684210178153],
-        [1.5412697139906628, 1.8747822885999388],
-        [1.378888799793464, 1.6123476020199572],
-    ],
-    "draws/s2": [[[0], [0]], [[0], [0]], [[0], [0]]],
-    "modo/s2": [
-        [0.48128394251645695, 0.518716057483543],
-        [0.43984566301793887, 0.5601543369820612],
-        [0.4165937147957511, 0.583406285204249],
-    ],
-    "modo_g0.5_r0/s2": [
-        [0.40641971258228504, 0.593580287417715],
-        [0.17157966305659406, 0.8284203369434059],
-        [0.4835744812765832, 0.5164255187234168],
-    ],
-    "sdmgrad/s2": [
-        [0.11538461538461538, 0.8846153846153845],
-        [0.11538461538461538, 0.8846153846153845],
-        [0.11538461538461538, 0.8846153846153845],
-    ],
-    "sdmgrad_custom/s2": [
-        [0.09374999999999999, 0.9062499999999999],
-        [0.09374999999999999, 0.9062499999999999],
-        [0.6618386698322295, 0.3381613301677709],
-    ],
-    "fairgrad_a0.5/s2": [
-        [0.742828251749388, 0.5253926087030509],
-        [2.8435131591397256, 2.7352130492203814],
-        [0.7536914936547849, 0.5858516097501908],
-    ],
-    "fairgrad_a1.0/s2": [
-        [0.5914611522293776, 0.4070714828838909],
-        [4.748773351459961, 4.566751371683904],
-        [0.6860858117827586, 0.43005942451734996],
-    ],
-    "fairgrad_a2.0/s2": [
-        [0.4713629223235375, 0.31945422818549524],
-        [7.930874639776007, 7.6259063959202065],
-        [0.6599217627223359, 0.2918870232211821],
-    ],
-    "fairgrad_a5.0/s2": [
-        [0.37594159515590986, 0.2523104605426214],
-        [13.24543872247644, 12.735125760017986],
-        [0.6925484835054851, 0.15275602319263207],
-    ],
-}
+# TorchJD 0.18.0 weights (float64) on the sequences above, one row per call:
+# tests/reference/modern_sequences.npz, written by tests/reference/generate.py
+# (part `modern_sequences`; key layout in tests/reference/README.md).
+SEQ_REF = load_reference("modern_sequences")
+
+
+def test_sequence_inputs_match_the_fixture():
+    for name, seq in SEQS.items():
+        assert np.array_equal(SEQ_REF[f"J/{name}"], np.stack(seq))
+        assert np.array_equal(SEQ_REF[f"M/{name}"], np.stack(cross(seq)))
 
 
 def arrays(module):
@@ -504,11 +103,12 @@ def test_fairgrad_torchjd_values(alpha, seq):
     weighting = arrays(eqxjd.FairGradWeighting(alpha))
     for k, J in enumerate(SEQS[seq]):
         w = call(weighting, jnp.asarray(J @ J.T))
-        assert rel(w, _TORCHJD[f"fairgrad_a{alpha}/{seq}"][k]) < 1e-6
+        assert rel(w, SEQ_REF[f"fairgrad_a{alpha}/{seq}"][k]) < 1e-6
 
 
 def test_fairgrad_published_values():
-    # methods.md §9.2 / §9.3 (FairGrad(alpha=1) on J_base is in TorchJD's own table).
+    # TorchJD 0.18.0 on J_base and J_5x7 (FairGrad(alpha=1) on J_base is in TorchJD's
+    # own table of values).
     published = {
         (1.0, "base"): (
             [0.5914611522, 0.4070714829],
@@ -579,7 +179,7 @@ def test_fairgrad_special_cases():
 
 
 def test_fairgrad_non_conflicting_and_root(getkey):
-    # At the root, J d = G w = w^(-1/alpha) > 0: FairGrad never conflicts (§8).
+    # At the root, J d = G w = w^(-1/alpha) > 0: FairGrad never conflicts.
     key1, key2 = jr.split(getkey())
     kinds = {
         "gaussian": jr.normal(key1, (5, 7)),
@@ -600,7 +200,7 @@ def test_fairgrad_max_iters_truncates():
     J = jnp.asarray(J_5X7)
     w1 = call(arrays(eqxjd.FairGradWeighting(1.0, max_iters=1)), J @ J.T)
     assert w1.shape == (5,) and jnp.all(jnp.isfinite(w1))
-    assert rel(w1, _TORCHJD["fairgrad_a1.0/s5"][0]) > 1e-6
+    assert rel(w1, SEQ_REF["fairgrad_a1.0/s5"][0]) > 1e-6
 
 
 # ------------------------------------------------------------------------------------
@@ -614,7 +214,7 @@ def gradvac_sequence(beta, eps, seq):
     phi = jnp.zeros((m, m))
     outs = []
     for k, G in enumerate(stats):
-        draws = jnp.asarray(_TORCHJD[f"draws/{seq}"][k]).reshape(m, m - 1)
+        draws = jnp.asarray(SEQ_REF[f"draws/{seq}"][k]).reshape(m, m - 1)
         w, phi = gradvac_core(G, phi, draws, beta, eps)
         outs.append(w)
     return outs, phi
@@ -627,11 +227,11 @@ def gradvac_sequence(beta, eps, seq):
 def test_gradvac_torchjd_sequence(name, beta, eps, seq):
     outs, _ = gradvac_sequence(beta, eps, seq)
     for k, w in enumerate(outs):
-        assert rel(w, _TORCHJD[f"{name}/{seq}"][k]) < 1e-14
+        assert rel(w, SEQ_REF[f"{name}/{seq}"][k]) < 1e-14
 
 
 def test_gradvac_published_values():
-    # methods.md §9.2: J_base, two calls (the second sees phi_hat from the first).
+    # TorchJD 0.18.0: J_base, two calls (the second sees phi_hat from the first).
     agg = arrays(eqxjd.GradVac())
     J = jnp.asarray(J_BASE)
     state = agg.init(J)
@@ -641,9 +241,9 @@ def test_gradvac_published_values():
     assert rel(d1, [0.5847953281, 3.801169586, 3.801169586]) < 1e-9
     assert rel(d2, [1.006540441, 3.264403077, 3.264403077]) < 1e-9
     assert rel(state.phi_hat, [[0, -0.6308932679], [-0.6308932679, 0]]) < 1e-9
-    # §9.3: J_5x7 with TorchJD's draws (seed 0 on both calls).
+    # TorchJD 0.18.0: J_5x7 with TorchJD's draws (seed 0 on both calls).
     G = jnp.asarray(J_5X7 @ J_5X7.T)
-    draws = jnp.asarray(_TORCHJD["draws/s5"][0])
+    draws = jnp.asarray(SEQ_REF["draws/s5"][0])
     w1, phi = gradvac_core(G, jnp.zeros((5, 5)), draws, 0.5, 1e-8)
     w2, _ = gradvac_core(G, phi, draws, 0.5, 1e-8)
     assert rel(w1, [1, 2.928923858, 1.101981977, 1.363415553, 1.213572896]) < 1e-9
@@ -667,7 +267,7 @@ def test_gradvac_two_objectives_match_torchjd_for_any_key():
     # one FMA).
     outs, _ = run_sequence(eqxjd.GradVac(), SEQS["s2"], weights=True, key=True)
     for k, w in enumerate(outs):
-        np.testing.assert_allclose(w, _TORCHJD["gradvac/s2"][k], rtol=5e-16, atol=0)
+        np.testing.assert_allclose(w, SEQ_REF["gradvac/s2"][k], rtol=5e-16, atol=0)
 
 
 def test_gradvac_randomness():
@@ -708,7 +308,7 @@ def test_pcd_torchjd_sequence(name, seq):
         pytest.skip("tau vector of length 4 needs m = 5")
     outs, state = run_sequence(eqxjd.PCD(**PCD_CONFIGS[name]), SEQS[seq], weights=True)
     for k, w in enumerate(outs):
-        assert rel(w, _TORCHJD[f"{name}/{seq}"][k]) < 1e-12
+        assert rel(w, SEQ_REF[f"{name}/{seq}"][k]) < 1e-12
     assert int(state.n_steps) == 3
 
 
@@ -716,13 +316,13 @@ def test_pcd_published_and_special_cases():
     agg = arrays(eqxjd.PCD())
     J = jnp.asarray(J_BASE)
     state = agg.init(J)
-    for _ in range(2):  # §9.2: the same output on both calls
+    for _ in range(2):  # TorchJD 0.18.0: the same output on both calls
         w, state = weights_step(agg, J, state)
         assert rel(w, [1.848060559, 1.095368248]) < 1e-9
-    J = jnp.asarray(J_5X7)  # §9.3: g1 already satisfies the constraints: d = g1
+    J = jnp.asarray(J_5X7)  # g1 already satisfies the constraints: d = g1
     w, _ = weights_step(agg, J, agg.init(J))
     assert np.array_equal(w, [1.0, 0.0, 0.0, 0.0, 0.0])
-    cases = {  # §4.11
+    cases = {  # degenerate pairs
         "antiparallel": ([[1.0, 0.0], [-1.0, 0.0]], [50.0, 51.0]),
         "duplicate": ([[1.0, 0.0], [1.0, 0.0]], [1.0, 0.0]),
         "zero_primary": ([[0.0, 0.0], [1.0, 0.0]], [0.0, 0.0]),
@@ -802,11 +402,11 @@ def test_excess_mtl_torchjd_sequence(name, seq):
         eqxjd.ExcessMTL(**EXCESS_CONFIGS[name]), SEQS[seq], weights=True
     )
     for k, w in enumerate(outs):
-        assert rel(w, _TORCHJD[f"{name}/{seq}"][k]) < 1e-12
+        assert rel(w, SEQ_REF[f"{name}/{seq}"][k]) < 1e-12
 
 
 def test_excess_mtl_published_values():
-    published = {  # methods.md §9.2 / §9.3: two calls on the same matrix
+    published = {  # TorchJD 0.18.0: two calls on the same matrix
         "base": [[0.1192029216, 0.8807970784], [0.1192029215, 0.8807970785]],
         "5x7": [
             [0.8381243874, 0.00201094436, 0.04249256976, 0.0433663033, 0.07400579516],
@@ -853,7 +453,7 @@ def test_crmogm_torchjd_sequence():
         )
         outs, _ = run_sequence(agg, SEQS[seq], weights=True)
         for k, w in enumerate(outs):
-            assert rel(w, _TORCHJD[f"crmogm_mgda/{seq}"][k]) < 1e-12
+            assert rel(w, SEQ_REF[f"crmogm_mgda/{seq}"][k]) < 1e-12
     # A stateful, random wrapped weighting with initial weights (m = 2: the GradVac
     # draws do not matter, so the keyed API reproduces TorchJD).
     agg = eqxjd.StatefulWeightedAggregator(
@@ -861,13 +461,14 @@ def test_crmogm_torchjd_sequence():
     )
     outs, state = run_sequence(agg, SEQS["s2"], weights=True, key=True)
     for k, w in enumerate(outs):
-        assert rel(w, _TORCHJD["crmogm_gradvac_init/s2"][k]) < 1e-14
+        assert rel(w, SEQ_REF["crmogm_gradvac_init/s2"][k]) < 1e-14
     assert state.inner.phi_hat.shape == (2, 2)
 
 
 def test_crmogm_published_and_limits():
     J = jnp.asarray(J_BASE)
-    # §9.2: CRMOGM(MGDA, alpha=0.5) = MGDA on both calls when the input does not change.
+    # TorchJD 0.18.0: CRMOGM(MGDA, alpha=0.5) = MGDA on both calls when the input does
+    # not change.
     agg = eqxjd.StatefulWeightedAggregator(
         eqxjd.CRMOGMWeighting(eqxjd.MGDAWeighting(), alpha=0.5)
     )
@@ -947,12 +548,12 @@ def test_cross_batch_torchjd_sequence(name, seq):
     stats = cross(SEQS[seq])
     outs, _ = run_sequence(CROSS_CONFIGS[name](stats[0].shape[0]), stats)
     for k, w in enumerate(outs):
-        assert rel(w, _TORCHJD[f"{name}/{seq}"][k]) < 1e-12
+        assert rel(w, SEQ_REF[f"{name}/{seq}"][k]) < 1e-12
         assert np.all(w >= 0) and np.isclose(np.sum(w), 1)
 
 
 def test_cross_batch_published_values():
-    published = {  # methods.md §9.2 / §9.3: two calls on the Gramian
+    published = {  # TorchJD 0.18.0: two calls on the Gramian
         ("modo", "base"): [[1, 0], [0, 1]],
         ("sdmgrad", "base"): [[0.1153846154, 0.8846153846]] * 2,
         ("modo", "5x7"): [
@@ -970,7 +571,7 @@ def test_cross_batch_published_values():
         outs, _ = run_sequence(CROSS_CONFIGS[name](J.shape[0]), [G, G])
         for w, ref in zip(outs, refs):
             np.testing.assert_allclose(w, ref, rtol=1e-8, atol=1e-10)
-    # §4.21 documented SDMGrad cases (n_iter = 1).
+    # SDMGrad cases small enough to check by hand (n_iter = 1), as in TorchJD 0.18.0.
     M1, M2 = jnp.diag(jnp.array([1.0, 0.25, 0.0])), jnp.eye(3)
     outs, _ = run_sequence(eqxjd.SDMGradWeighting(n_iter=1), [M1, M2])
     np.testing.assert_allclose(outs[0], np.array([1, 1, 11]) / 13, rtol=1e-12)
@@ -1010,7 +611,7 @@ def _step(aggregator, jacobian, state, key):
 
 
 def hard_batch(key):
-    """The three sequence matrices followed by hard (5, 7) kinds (§8 structure)."""
+    """The three sequence matrices followed by hard (5, 7) kinds."""
     k1, k2, k3 = jr.split(key, 3)
     kinds = [
         jnp.zeros((5, 7)),
@@ -1048,7 +649,7 @@ def test_state_jit_vmap_dtype_and_gradients(name, getkey):
         np.testing.assert_allclose(eager, outs[0], rtol=1e-12, atol=1e-14)
 
     # vmap over a batch of Jacobians (each with its own state) == separate calls; the
-    # batch includes hard kinds (zero, rank one, stationary, ...): finite output (§8).
+    # batch includes hard kinds (zero, rank one, stationary, ...): finite output.
     batch = hard_batch(getkey())
     vmapped = eqx.filter_jit(eqx.filter_vmap(_step, in_axes=(None, 0, 0, None)))
     ds, _ = vmapped(agg, batch, eqx.filter_vmap(agg.init)(batch), keys[0])
@@ -1096,7 +697,7 @@ def test_fairgrad_jit_vmap_dtype_and_gradient(getkey):
     keep = np.array([0, 1, 2, 3, 6, 7, 8])
     np.testing.assert_allclose(ws[keep], outs[keep], rtol=1e-9, atol=0)
     assert jnp.all(jnp.isfinite(ws)) and np.all(ws[3] == 0)
-    np.testing.assert_allclose(ws[0], _TORCHJD["fairgrad_a2.0/s5"][0], rtol=1e-9)
+    np.testing.assert_allclose(ws[0], SEQ_REF["fairgrad_a2.0/s5"][0], rtol=1e-9)
     w32 = call(weighting, grams[0].astype(jnp.float32))
     assert w32.dtype == jnp.float32
     np.testing.assert_allclose(w32, ws[0], rtol=1e-4)
@@ -1221,7 +822,7 @@ def test_reference_fixture():
             for k, w in enumerate(outs):
                 assert rel(w, data[f"{mid}/{name}/call{k}/w"]) < 1e-7, (mid, name, k)
             checked += 1
-    # methods.md §4.21 documented SDMGrad cases, as stored by the generator.
+    # The SDMGrad cases small enough to check by hand, as stored by the generator.
     stats = [data[f"sdmgrad_niter1/doc/call{k}/M"] for k in range(2)]
     outs, _ = run_sequence(eqxjd.SDMGradWeighting(n_iter=1), stats)
     for k, w in enumerate(outs):

@@ -10,7 +10,8 @@ Regenerate (CPU only, about 1-3 minutes on 2 cores)::
         && /tmp/tj/bin/pip install torch==2.13.0 'torchjd[full]==0.18.0' quadprog \
         && /tmp/tj/bin/python tests/reference/generate.py
 
-Optionally pass part names (``foundation zoo modern scalarization autojac``) to
+Optionally pass part names
+(``foundation zoo modern modern_sequences scalarization autojac``) to
 regenerate only some files. The key layout of every file is documented in
 ``tests/reference/README.md``.
 """
@@ -36,8 +37,10 @@ from torchjd.aggregation import (
     DualProjWeighting,
     ExcessMTL,
     FairGrad,
+    FairGradWeighting,
     GradDrop,
     GradVac,
+    GradVacWeighting,
     GramianWeightedAggregator,
     IMTLG,
     Krum,
@@ -1170,6 +1173,119 @@ def modern(Js):
 
 
 # --------------------------------------------------------------------------------------
+# 3b. modern_sequences: short sequences for the stateful modern methods
+
+
+def sequence_inputs():
+    """The two sequences of three Jacobians (`s5`: 5x7, `s2`: 2x3) fed to the stateful
+    methods: numpy `RandomState(seed).randn`, starting from J_5x7 and J_base."""
+    rs = lambda seed, shape: np.random.RandomState(seed).randn(*shape)  # noqa: E731
+    return {
+        "s5": [j_5x7(), rs(1, (5, 7)), rs(2, (5, 7))],
+        "s2": [J_BASE.copy(), rs(3, (2, 3)), rs(4, (2, 3))],
+    }
+
+
+def cross_batch(seq):
+    """The cross-batch matrices J1 J2^T given to MoDo and SDMGrad."""
+    return [seq[0] @ seq[1].T, seq[1] @ seq[2].T, seq[2] @ seq[0].T]
+
+
+def modern_sequences(Js):
+    """For each sequence, a fresh TorchJD object per configuration, called on the
+    three inputs in turn with `torch.manual_seed(k)` set before call k."""
+    t0 = time.time()
+    out: dict[str, np.ndarray] = {}
+    for seq_name, seq in sequence_inputs().items():
+        m = seq[0].shape[0]
+        out[f"J/{seq_name}"] = np.stack(seq)
+        crosses = cross_batch(seq)
+        out[f"M/{seq_name}"] = np.stack(crosses)
+        pref = [0.1, 0.2, 0.3, 0.2, 0.2] if m == 5 else [0.25, 0.75]
+        # (id, factory, input kind): "J" = the aggregator on J_k (weights captured),
+        # "G" = the weighting on J_k J_k^T, "M" = the weighting on cross_batch(seq)[k].
+        configs = [
+            ("gradvac", lambda: GradVac(), "J"),
+            ("gradvac_b0.2", lambda: GradVac(beta=0.2, eps=1e-6), "J"),
+            ("pcd", lambda: PCD(), "J"),
+            ("pcd_t0.5_b0.9", lambda: PCD(tau=0.5, beta=0.9), "J"),
+            ("excess", lambda: ExcessMTL(), "J"),
+            (
+                "excess_r0.1_w1",
+                lambda: ExcessMTL(robust_step_size=0.1, n_warmup_steps=1),
+                "J",
+            ),
+            ("crmogm_mgda", lambda: CRMOGMWeighting(MGDAWeighting(), alpha=0.5), "G"),
+            (
+                "crmogm_gradvac_init",
+                lambda: CRMOGMWeighting(
+                    GradVacWeighting(),
+                    alpha=0.7,
+                    initial_weights=torch.arange(1, m + 1, dtype=F64),
+                ),
+                "G",
+            ),
+            ("modo", lambda: MoDoWeighting(), "M"),
+            ("modo_g0.5_r0", lambda: MoDoWeighting(gamma=0.5, rho=0.0), "M"),
+            ("sdmgrad", lambda: SDMGradWeighting(), "M"),
+            (
+                "sdmgrad_custom",
+                lambda: SDMGradWeighting(
+                    lr=1.0, momentum=0.9, n_iter=5, lambda_=0.6, pref_vector=T(pref)
+                ),
+                "M",
+            ),
+        ]
+        if m == 5:
+            configs.append(
+                ("pcd_tauvec", lambda: PCD(tau=T([0.1, 0.2, 0.3, 0.4]), beta=0.5), "J")
+            )
+        for alpha in (0.5, 1.0, 2.0, 5.0):
+            configs.append(
+                (f"fairgrad_a{alpha}", lambda a=alpha: FairGradWeighting(a), "G")
+            )
+        for mid, make, kind in configs:
+            obj = make()
+            ws = []
+            for k, Jk in enumerate(seq):
+                torch.manual_seed(k)
+                if kind == "J":
+                    w, _ = run_agg(obj, T(Jk))
+                elif kind == "G":
+                    w = obj(T(Jk @ Jk.T))
+                else:
+                    w = obj(T(crosses[k]))
+                ws.append(N(w))
+            out[f"{mid}/{seq_name}"] = np.stack(ws)
+        out[f"draws/{seq_name}"] = np.stack([gradvac_draws(m, k) for k in range(3)])
+
+    print("modern_sequences checks (first calls, reference values):")
+    for key, expected in [
+        ("gradvac/s5", [1, 2.928923858, 1.101981977, 1.363415553, 1.213572896]),
+        ("gradvac/s2", [2.222222219, 1.578947367]),
+        (
+            "excess/s5",
+            [0.8381243874, 0.00201094436, 0.04249256976, 0.0433663033, 0.07400579516],
+        ),
+        (
+            "crmogm_mgda/s5",
+            [0.008519169496, 0.6094059882, 0.02630414165, 0.1471213802, 0.2086493205],
+        ),
+        ("fairgrad_a1.0/s2", [0.5914611522, 0.4070714829]),
+        ("sdmgrad/s2", [0.1153846154, 0.8846153846]),
+    ]:
+        check(f"{key} call0", out[key][0], expected, 1e-8)
+    check(
+        "draws/s5 call0",
+        out["draws/s5"][0],
+        [[0, 1, 3, 2], [0, 2, 3, 1], [3, 2, 0, 1], [3, 0, 2, 1], [0, 1, 2, 3]],
+        0,
+    )
+    print(f"modern_sequences built in {time.time() - t0:.1f}s")
+    save("modern_sequences.npz", out)
+
+
+# --------------------------------------------------------------------------------------
 # 4. scalarization
 
 
@@ -1468,7 +1584,14 @@ def autojac(Js):
 # --------------------------------------------------------------------------------------
 
 
-PARTS = ["foundation", "zoo", "modern", "scalarization", "autojac"]
+PARTS = [
+    "foundation",
+    "zoo",
+    "modern",
+    "modern_sequences",
+    "scalarization",
+    "autojac",
+]
 
 
 def main(argv):
