@@ -11,13 +11,15 @@ keeps absolute thresholds such as `norm_eps` on the same side.
 
 Two windows are used:
 
-- `wide_window(dtype)` ($W$ = 104 for float32, 1000 for float64) guarantees only that
-  the Gramian is representable. The weighted aggregators form the Gramian of $J / 2^k$
-  with it: any Gramian that the dtype can hold is passed unchanged, so every
-  threshold and additive constant of a weighting keeps its meaning; only Gramians that
-  would overflow or underflow are rescaled, to the edge of the representable range,
-  where constants are still negligible (or still dominate) exactly as they would at
-  the true scale.
+- `wide_window(dtype)` ($W$ = 97 for float32, 964 for float64) guarantees only that
+  the Gramian is representable to full precision: it leaves room for sums over its
+  rows, and a full mantissa of headroom above the smallest normal number, since XLA
+  flushes subnormals to zero. The weighted aggregators form the Gramian of $J / 2^k$
+  with it: any Gramian that the dtype holds to full precision is passed unchanged, so
+  every threshold and additive constant of a weighting keeps its meaning; only
+  Gramians that would overflow or lose precision to underflow are rescaled, to the
+  edge of that range, where constants are still negligible (or still dominate)
+  exactly as they would at the true scale.
 - `NARROW` ($W = 40$) leaves headroom for squares and cubes inside weightings whose
   weights do not change when $G$ is multiplied by a constant (MGDA, AlignedMTL, IMTL-G,
   Krum, PCGrad, NashMTL, ...): they rescale into it before computing.
@@ -50,8 +52,11 @@ NARROW = 40
 
 def wide_window(dtype: Any) -> int:
     """The widest window in which a Gramian of this dtype is representable with room
-    for sums over its rows."""
-    return int(jnp.finfo(dtype).maxexp) - 24
+    for sums over its rows, and with a full mantissa of headroom above the smallest
+    normal number: XLA flushes subnormals to zero, so a product of two entries that is
+    smaller than the trace by more than the precision must still be normal."""
+    info = jnp.finfo(dtype)
+    return min(int(info.maxexp) - 24, -int(info.minexp) - int(info.nmant) - 6)
 
 
 def work_dtype(dtype: Any) -> jnp.dtype:
@@ -118,7 +123,9 @@ def jacobian_exponent(
     top = _max_abs(matrices)
     e_top = _exponent(top)
     # With the largest entry in [1/2, 1) the sum of squares cannot overflow.
-    total = sum(jnp.sum(jnp.square(scale_pow2(m, -e_top))) for m in matrices)
+    total = jnp.sum(
+        jnp.stack([jnp.sum(jnp.square(scale_pow2(m, -e_top))) for m in matrices])
+    )
     e = 2 * e_top + _exponent(total)
     valid = jnp.isfinite(top) & (top > 0)
     return jnp.where(valid, _shift(e, window), 0)
