@@ -3,11 +3,12 @@ import abc
 import equinox as eqx
 import jax.lax as lax
 import jax.numpy as jnp
-from jaxtyping import Array, Float, PRNGKeyArray, PyTree
+from jaxtyping import Array, Float, Int, PRNGKeyArray, PyTree
 
-from ._checks import check_matrix, jacobian_shape
+from ._checks import AGGREGATOR_USAGE, check_matrix, jacobian_shape, require_state
 from ._custom_types import State
 from ._misc import combine, gramian
+from ._scale import call_scaled, promote_half, scaled_gramian, work_dtype
 from ._weighting import AbstractStatefulWeighting, AbstractWeighting, AnyWeighting
 
 
@@ -94,24 +95,28 @@ class AbstractStatefulAggregator(eqx.Module):
         """
 
 
-def statistic(weighting: AnyWeighting, jacobian: Float[Array, "m n"]) -> Array:
-    """What `weighting` reads of `jacobian`: its Gramian, the matrix itself, or only
-    its number of rows (an `(m, 0)` matrix, free to build)."""
+def statistic(
+    weighting: AnyWeighting, jacobian: Float[Array, "m n"]
+) -> tuple[Array, Int[Array, ""] | None]:
+    r"""What `weighting` reads of `jacobian`, and the exponent `k` of its rescaling: the
+    Gramian of $J / 2^k$ (rescaled only when $J J^\top$ would not be representable,
+    see `_scale.py`), the matrix itself, or only its number of rows (an `(m, 0)`
+    matrix, free to build). `k` is `None` for the last two."""
     if weighting.reads == "gramian":
-        return gramian(jacobian)
+        return scaled_gramian([jacobian], gramian)
     if weighting.reads == "rows":
-        return jnp.zeros((jacobian.shape[0], 0), jacobian.dtype)
-    return jacobian
+        return jnp.zeros((jacobian.shape[0], 0), jacobian.dtype), None
+    return jacobian, None
 
 
 def example_statistic(weighting: AnyWeighting, jacobian: PyTree[Array]) -> Array:
-    """A zero statistic with the shape and dtype that `weighting` reads of a Jacobian
-    matrix or pytree (for `init`)."""
+    """A zero statistic with the shape that `weighting` reads of a Jacobian matrix or
+    pytree, in the dtype the computation runs in (for `init`)."""
     if eqx.is_array(jacobian):
         check_matrix(jacobian)
     m, n, dtype = jacobian_shape(jacobian)
     shape = {"gramian": (m, m), "rows": (m, 0), "matrix": (m, n)}[weighting.reads]
-    return jnp.zeros(shape, dtype)
+    return jnp.zeros(shape, work_dtype(dtype))
 
 
 def weighted_combination(
@@ -122,10 +127,24 @@ def weighted_combination(
 
 
 @eqx.filter_jit
-def call_weighting(weighting, stat, *state, key):
+def call_weighting(weighting, stat, *state, key, exponent=None):
     # Jitted (inlined under an outer jit) so that eager calls of iterative weightings do
-    # not re-trace and re-compile their loops on every call.
-    return weighting(stat, *state, key=key)
+    # not re-trace and re-compile their loops on every call. `exponent`: `stat` is a
+    # Gramian rescaled by 4^-exponent (see `_scale.call_scaled`).
+    return call_scaled(weighting, stat, exponent, *state, key=key)
+
+
+def _weights_and_combination(weighting, jacobian, state, key):
+    # Half precision is computed in float32 and cast back (the weights too).
+    check_matrix(jacobian)
+    jacobian = jnp.asarray(jacobian)
+    dtype = jacobian.dtype
+    work = promote_half(jacobian)
+    stat, k = statistic(weighting, work)
+    out = call_weighting(weighting, stat, *state, key=key, exponent=k)
+    weights, new_state = (out, None) if not state else out
+    aggregation = weighted_combination(weighting, weights, work)
+    return weights.astype(dtype), aggregation.astype(dtype), new_state
 
 
 class AbstractWeightedAggregator(AbstractAggregator):
@@ -143,16 +162,14 @@ class AbstractWeightedAggregator(AbstractAggregator):
         self, jacobian: Float[Array, "m n"], /, *, key: PRNGKeyArray | None = None
     ) -> Float[Array, " m"]:
         """The weights $w$ that the aggregation uses, shape `(m,)`."""
-        check_matrix(jacobian)
-        return call_weighting(
-            self.weighting, statistic(self.weighting, jacobian), key=key
-        )
+        weights, _, _ = _weights_and_combination(self.weighting, jacobian, (), key)
+        return weights
 
     def __call__(
         self, jacobian: Float[Array, "m n"], /, *, key: PRNGKeyArray | None = None
     ) -> Float[Array, " n"]:
-        weights = self.weights(jacobian, key=key)
-        return weighted_combination(self.weighting, weights, jacobian)
+        _, aggregation, _ = _weights_and_combination(self.weighting, jacobian, (), key)
+        return aggregation
 
 
 class AbstractStatefulWeightedAggregator(AbstractStatefulAggregator):
@@ -166,26 +183,31 @@ class AbstractStatefulWeightedAggregator(AbstractStatefulAggregator):
     def weights(
         self,
         jacobian: Float[Array, "m n"],
-        state: State,
+        state: State = None,
         /,
         *,
         key: PRNGKeyArray | None = None,
     ) -> tuple[Float[Array, " m"], State]:
         """The weights (shape `(m,)`) and the new state."""
-        check_matrix(jacobian)
-        stat = statistic(self.weighting, jacobian)
-        return call_weighting(self.weighting, stat, state, key=key)
+        require_state(state, type(self).__name__, AGGREGATOR_USAGE)
+        weights, _, state = _weights_and_combination(
+            self.weighting, jacobian, (state,), key
+        )
+        return weights, state
 
     def __call__(
         self,
         jacobian: Float[Array, "m n"],
-        state: State,
+        state: State = None,
         /,
         *,
         key: PRNGKeyArray | None = None,
     ) -> tuple[Float[Array, " n"], State]:
-        weights, state = self.weights(jacobian, state, key=key)
-        return weighted_combination(self.weighting, weights, jacobian), state
+        require_state(state, type(self).__name__, AGGREGATOR_USAGE)
+        _, aggregation, state = _weights_and_combination(
+            self.weighting, jacobian, (state,), key
+        )
+        return aggregation, state
 
 
 class WeightedAggregator(AbstractWeightedAggregator):

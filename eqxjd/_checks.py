@@ -24,7 +24,7 @@ def concrete(value: Any) -> np.ndarray | None:
 
 def check_floating(array: Any, name: str) -> None:
     """A real floating dtype: complex and integer input are rejected."""
-    dtype = jnp.result_type(array)
+    dtype = array.dtype if hasattr(array, "dtype") else jnp.asarray(array).dtype
     if not jnp.issubdtype(dtype, jnp.floating):
         raise ValueError(
             f"`{name}` must have a real floating dtype; got {dtype}. Convert it with "
@@ -32,22 +32,36 @@ def check_floating(array: Any, name: str) -> None:
         )
 
 
-def check_matrix(matrix: Shaped[Array, "..."], name: str = "jacobian") -> None:
-    """Raises a `ValueError` unless `matrix` is a 2-D real floating array."""
+def check_real(array: Any, name: str) -> None:
+    """Hyperparameter arrays (preferences, weights, ...) must not be complex."""
+    dtype = array.dtype if hasattr(array, "dtype") else jnp.asarray(array).dtype
+    if jnp.issubdtype(dtype, jnp.complexfloating):
+        raise ValueError(
+            f"`{name}` must be real; got a complex array. Pass its real part, e.g. "
+            "`jnp.real(x)`."
+        )
+
+
+def check_matrix(matrix: Shaped[Array, "..."], name: str = "jacobian") -> Array:
+    """Raises a `ValueError` unless `matrix` is a 2-D real floating array; returns it
+    as a JAX array (NumPy input is accepted)."""
     shape = jnp.shape(matrix)
     if len(shape) != 2:
         raise ValueError(
             f"`{name}` must be a matrix of shape (m, n); got an array of shape {shape}."
         )
     check_floating(matrix, name)
+    return jnp.asarray(matrix)
 
 
-def check_gramian(gramian: Shaped[Array, "..."]) -> None:
-    """Raises a `ValueError` unless `gramian` is a square real floating matrix."""
-    check_matrix(gramian, "gramian")
+def check_gramian(gramian: Shaped[Array, "..."]) -> Array:
+    """Raises a `ValueError` unless `gramian` is a square real floating matrix; returns
+    it as a JAX array (NumPy input is accepted)."""
+    gramian = check_matrix(gramian, "gramian")
     m, k = jnp.shape(gramian)
     if m != k:
         raise ValueError(f"`gramian` must be square; got shape {jnp.shape(gramian)}.")
+    return gramian
 
 
 def check_length(vector: Shaped[Array, " k"], m: int, name: str) -> None:
@@ -115,6 +129,25 @@ def check_state_shape(actual: tuple, expected: tuple, method: str) -> None:
             f"needs {tuple(expected)} (the number of objectives or parameters "
             "changed). Build a fresh state with `init` (this is also how to reset it)."
         )
+
+
+def require_state(state: Any, name: str, usage: str) -> None:
+    """Stateful methods are called with the state from `init` (or the previous call)."""
+    if state is None:
+        raise ValueError(
+            f"`{name}` is stateful: pass its state as the second argument, e.g. "
+            f"{usage}, and pass the returned state to the next call."
+        )
+
+
+AGGREGATOR_USAGE = (
+    "`state = aggregator.init(jacobian)` then "
+    "`aggregation, state = aggregator(jacobian, state)`"
+)
+SCALARIZER_USAGE = "`state = scalarizer.init(losses)` then `scalarizer(losses, state)`"
+WEIGHTING_USAGE = (
+    "`state = weighting.init(stat)` then `weights, state = weighting(stat, state)`"
+)
 
 
 def require_key(key: PRNGKeyArray | None, name: str) -> PRNGKeyArray:

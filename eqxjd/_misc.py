@@ -1,10 +1,12 @@
 import jax
 import jax.lax as lax
 import jax.numpy as jnp
-from jaxtyping import Array, ArrayLike, Float
+import jax.tree_util as jtu
+from jaxtyping import Array, ArrayLike, Bool, Float
 
-from ._checks import check_length
-from ._custom_types import ScalarLike
+from ._checks import check_length, check_real
+from ._custom_types import ScalarLike, State
+from ._scale import in_window, work_dtype
 
 
 _HIGHEST = lax.Precision.HIGHEST
@@ -17,6 +19,7 @@ def as_vector(value: ArrayLike | None, name: str) -> Float[Array, " k"] | None:
     array = jnp.asarray(value)
     if array.ndim != 1:
         raise ValueError(f"`{name}` must be a 1-D vector; got shape {array.shape}.")
+    check_real(array, name)
     if not jnp.issubdtype(array.dtype, jnp.inexact):
         array = array.astype(jnp.result_type(float))
     return array
@@ -35,11 +38,17 @@ def combine(
 
 
 def normalize(gramian: Float[Array, "m m"], eps: ScalarLike) -> Float[Array, "m m"]:
-    """`G / tr(G)`, or zero if `tr(G) < eps` (TorchJD's absolute threshold)."""
-    trace = jnp.trace(gramian)
-    small = trace < eps
+    """`G / tr(G)`, or zero if `tr(G) < eps` (TorchJD's absolute threshold).
+
+    The threshold is compared with the trace of `G` itself, so it keeps its meaning for
+    any representable `G`; the division is done on `G` rescaled by a power of 4 (exact,
+    and the identity for ordinary Gramians), so that a trace that overflows or
+    underflows does not turn the result into NaN or zero."""
+    small = jnp.trace(gramian) < eps
+    scaled = in_window(gramian)
+    trace = jnp.trace(scaled)
     safe_trace = jnp.where(small, jnp.ones_like(trace), trace)
-    return jnp.where(small, jnp.zeros_like(gramian), gramian / safe_trace)
+    return jnp.where(small, jnp.zeros_like(scaled), scaled / safe_trace)
 
 
 def regularize(gramian: Float[Array, "m m"], eps: ScalarLike) -> Float[Array, "m m"]:
@@ -66,9 +75,18 @@ def nan_unless_finite(check: Array, out: Array) -> Array:
     return jnp.where(all_finite(check), out, jnp.full_like(out, jnp.nan))
 
 
+def keep_state_unless(finite: Bool[Array, ""], new: State, old: State) -> State:
+    """Documented state policy: a call on non-finite input leaves the state as it was
+    (`new` where `finite`, else `old`; both with the same structure and dtypes)."""
+    return jtu.tree_map(lambda n, o: jnp.where(finite, n, o), new, old)
+
+
 def solve_dtype(dtype: jnp.dtype) -> jnp.dtype:
-    """QPs are solved in float64 whenever x64 is enabled, as TorchJD does."""
-    return jnp.dtype(jnp.float64 if jax.config.read("jax_enable_x64") else dtype)
+    """QPs are solved in float64 whenever x64 is enabled, as TorchJD does; otherwise in
+    float32 (half precision included)."""
+    if jax.config.read("jax_enable_x64"):
+        return jnp.dtype(jnp.float64)
+    return work_dtype(dtype)
 
 
 def project_onto_simplex(y: Float[Array, " m"]) -> Float[Array, " m"]:

@@ -21,6 +21,7 @@ from ._aggregator import (
 from ._checks import check_jacobian_tree
 from ._custom_types import State
 from ._misc import gramian
+from ._scale import promote_half, scaled_gramian
 
 
 _HIGHEST = lax.Precision.HIGHEST
@@ -81,13 +82,17 @@ def tree_gramian(jacobians: PyTree[Array]) -> Float[Array, "m m"]:
 def tree_combine(
     weights: Float[Array, " m"], jacobians: PyTree[Array]
 ) -> PyTree[Array]:
-    r"""$\sum_i w_i J_{\ell, i}$ for every leaf, with the leaves' shapes and dtypes."""
-    return jtu.tree_map(
-        lambda leaf: jnp.tensordot(
-            weights.astype(leaf.dtype), leaf, axes=1, precision=_HIGHEST
-        ),
-        jacobians,
-    )
+    r"""$\sum_i w_i J_{\ell, i}$ for every leaf, with the leaves' shapes and dtypes
+    (half-precision leaves are combined in float32)."""
+
+    def combine(leaf):
+        work = promote_half(leaf)
+        out = jnp.tensordot(
+            weights.astype(work.dtype), work, axes=1, precision=_HIGHEST
+        )
+        return out.astype(leaf.dtype)
+
+    return jtu.tree_map(combine, jacobians)
 
 
 def _concatenate(leaves: list[Array], m: int) -> Array:
@@ -105,13 +110,16 @@ def _split(flat: Array, leaves: list[Array], treedef: Any) -> PyTree[Array]:
     return jtu.tree_unflatten(treedef, pieces)
 
 
-def _tree_statistic(weighting, jacobians, leaves, m) -> Array:
-    # Gramian weightings never see the concatenated Jacobian.
+def _tree_statistic(weighting, leaves, m) -> tuple[Array, Array | None]:
+    # Gramian weightings never see the concatenated Jacobian. Like `statistic` for a
+    # matrix: half precision in float32, the Gramian rescaled only if not
+    # representable.
+    leaves = [promote_half(leaf) for leaf in leaves]
     if weighting.reads == "gramian":
-        return tree_gramian(jacobians)
+        return scaled_gramian([_rows(leaf, m) for leaf in leaves], gramian)
     if weighting.reads == "rows":
-        return jnp.zeros((m, 0), jnp.result_type(*leaves))
-    return _concatenate(leaves, m)
+        return jnp.zeros((m, 0), jnp.result_type(*leaves)), None
+    return _concatenate(leaves, m), None
 
 
 class Grouped(eqx.Module):
@@ -291,12 +299,13 @@ def aggregate_tree(
     stateful = isinstance(aggregator, AbstractStatefulAggregator)
     if isinstance(aggregator, WeightedAggregators):
         weighting = aggregator.weighting
-        stat = _tree_statistic(weighting, jacobians, leaves, m)
+        stat, k = _tree_statistic(weighting, leaves, m)
         if stateful:
-            weights, state = call_weighting(weighting, stat, state, key=key)
+            weights, state = call_weighting(weighting, stat, state, key=key, exponent=k)
         else:
-            weights = call_weighting(weighting, stat, key=key)
+            weights = call_weighting(weighting, stat, key=key, exponent=k)
         update = tree_combine(weights, jacobians)
+        weights = weights.astype(jnp.result_type(*leaves))
         if not weighting.differentiable:
             update = lax.stop_gradient(update)
         return update, weights, state

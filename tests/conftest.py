@@ -1,9 +1,14 @@
+import os
+
 import equinox.internal as eqxi
 import jax
 import pytest
 
 
-jax.config.update("jax_enable_x64", True)
+# float64 by default; `EQXJD_TEST_X64=0` runs the suite in JAX's default mode (float32
+# only), the one most users run. Tests that need float64 skip themselves there.
+X64 = os.environ.get("EQXJD_TEST_X64", "1") != "0"
+jax.config.update("jax_enable_x64", X64)
 jax.config.update("jax_numpy_rank_promotion", "raise")
 jax.config.update("jax_numpy_dtype_promotion", "strict")
 

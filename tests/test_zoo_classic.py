@@ -18,13 +18,23 @@ import pytest
 from eqxjd._aggregation.cagrad import _cagrad_weights
 from eqxjd._aggregation.krum import KrumWeighting
 
-from .helpers import finite_difference_jvp, gaussian, jacobian_kinds, load_reference
+from .helpers import (
+    DTYPES,
+    finite_difference_jvp,
+    FLOAT,
+    gaussian,
+    jacobian_kinds,
+    load_reference,
+    mode_tol,
+    requires_x64,
+    x64_enabled,
+)
 
 
 ZOO = load_reference("zoo")
 J_BASE = jnp.array([[-4.0, 1.0, 1.0], [6.0, 1.0, 1.0]])
 J_KRUM = jnp.array(
-    [[1.0, 1, 1], [1, 0, 1], [75, -666, 23], [1, 2, 3], [2, 0, 1]], dtype=jnp.float64
+    [[1.0, 1, 1], [1, 0, 1], [75, -666, 23], [1, 2, 3], [2, 0, 1]], dtype=FLOAT
 )
 J_TM = jnp.array([[1e11, 3], [1, -1e11], [-1e10, 1e10], [2, 2]])
 SCALES = (0.0, 1e-10, 1e3, 1e5, 1e10, 1e15)
@@ -91,6 +101,7 @@ ILLCOND_TOL = 1e-5
 ROWS = (2, 4, 5, 9, 32)
 
 
+@requires_x64
 def test_reference_gramian_methods():
     names = sorted(set().union(*(_names(mid) for mid in DETERMINISTIC)))
     weights = _batched_weights(
@@ -117,6 +128,7 @@ def _krum_tied(J, n_byzantine, n_selected):
     return scores[n_selected] - scores[n_selected - 1] <= 1e-9 * max(scores[-1], 1e-300)
 
 
+@requires_x64
 @pytest.mark.parametrize("mid,n_selected", [("krum_1", 1), ("krum_1_2", 2)])
 def test_reference_krum(mid, n_selected):
     weights = _batched_weights(KrumWeighting(1, n_selected), _names(mid), ROWS)
@@ -144,6 +156,7 @@ def _padded(names, m, n):
     )
 
 
+@requires_x64
 def test_reference_trimmed_mean_and_config():
     # Zero columns are exact padding for both; zero rows are exact for ConFIG (their
     # unit vector is 0), so each runs with one or a few compilations.
@@ -204,6 +217,7 @@ def _cagrad_star(weights):
 CAGRAD_EXACT = ("base", "5x7", "tm")
 
 
+@requires_x64
 def test_reference_cagrad():
     cs = jnp.array([0.5, 1.0])
     eps = jnp.asarray(1e-4)
@@ -238,6 +252,7 @@ def test_reference_cagrad():
             assert _d_err(d, d_ref, np.abs(w) + np.abs(ref), J) <= tol, (c, name)
 
 
+@requires_x64
 def test_published_values():
     """methods.md §9.2-9.4 (TorchJD 0.18.0, float64)."""
 
@@ -293,7 +308,10 @@ def test_special_cases():
     close(eqxjd.MGDA().weights(anti), [0.5, 0.5])
     close(eqxjd.MGDA().weights(jnp.zeros((3, 2))), [1, 0, 0])  # e_0
     close(eqxjd.MGDA().weights(jnp.array([[1.0, 2], [0, 0], [3, 1]])), [0, 1, 0])
-    close(eqxjd.CAGrad(0.5).weights(dup), [0.75, 0.75], rtol=1e-8)
+    if x64_enabled():
+        close(eqxjd.CAGrad(0.5).weights(dup), [0.75, 0.75], rtol=1e-8)
+    else:  # float32 solves pick other weights for the same (unique) update
+        close(eqxjd.CAGrad(0.5)(dup), [1.5, 0], rtol=1e-6)
     close(eqxjd.CAGrad(0.5)(row), 1.5 * row[0])
     close(eqxjd.CAGrad(0.0).weights(J_BASE), [0.5, 0.5])  # c = 0: the mean
     close(eqxjd.CAGrad(0.5).weights(J_BASE * 1e-3), [0, 0])  # tiny Jacobian: zero
@@ -311,7 +329,8 @@ def test_imtlg_float32_antiparallel():
     w = eqxjd.IMTLG().weights(J)
     assert w.dtype == jnp.float32
     np.testing.assert_array_equal(w, [0, 0])
-    np.testing.assert_array_equal(eqxjd.IMTLG()(J.astype(jnp.float64)), [0, 0])
+    if x64_enabled():
+        np.testing.assert_array_equal(eqxjd.IMTLG()(J.astype(jnp.float64)), [0, 0])
 
 
 AGGREGATORS = [
@@ -335,7 +354,7 @@ def test_structure_jit_vmap_dtypes(agg, getkey):
     traced = eqx.debug.assert_max_traces(agg, max_traces=2)  # one per dtype
     jitted = eqx.filter_jit(agg)
     vmapped = eqx.filter_jit(eqx.filter_vmap(traced))
-    for dtype in (jnp.float64, jnp.float32):
+    for dtype in DTYPES:
         x = batch.astype(dtype)
         out = vmapped(x)
         assert out.shape == (len(SCALES) + 1, 3) and out.dtype == dtype
@@ -346,7 +365,9 @@ def test_structure_jit_vmap_dtypes(agg, getkey):
             np.testing.assert_allclose(out, loop, rtol=1e-9, atol=atol)
     zero = jitted(jnp.zeros((4, 3)))
     np.testing.assert_array_equal(zero, jnp.zeros(3))
-    np.testing.assert_allclose(jitted(base), agg(base), rtol=1e-12, atol=1e-15)
+    np.testing.assert_allclose(
+        jitted(base), agg(base), rtol=mode_tol(1e-12, 1e-5), atol=mode_tol(1e-15, 1e-6)
+    )
 
 
 def _perm_check(agg, J, key, atol):
@@ -384,7 +405,7 @@ def test_properties(agg, non_conflicting, permutation_invariant, getkey):
             norm, positive = jnp.linalg.norm(y), jnp.linalg.norm(jnp.maximum(y, 0))
             assert float(norm - positive) <= 4e-4 + 4e-4 * float(norm), name
         if permutation_invariant:
-            _perm_check(agg, J, getkey(), 1e-6)
+            _perm_check(agg, J, getkey(), mode_tol(1e-6, 1e-3))
 
 
 def test_mgda_kkt(getkey):
@@ -394,7 +415,9 @@ def test_mgda_kkt(getkey):
         J = gaussian(getkey(), m, n)
         G = _gramian(J)
         w = weighting(G)
-        assert bool(jnp.all(w >= 0)) and abs(float(jnp.sum(w)) - 1) < 1e-12
+        assert bool(jnp.all(w >= 0)) and abs(float(jnp.sum(w)) - 1) < mode_tol(
+            1e-12, 1e-5
+        )
         mu = G @ w - (w @ G @ w)
         assert float(jnp.min(mu)) >= -1e-2
 
@@ -425,13 +448,13 @@ def test_cagrad_optimality_and_non_conflict(getkey):
             if not np.any(weights):
                 continue  # zero weights: ||R^T w*|| < norm_eps
             w = _cagrad_star(weights)
-            assert np.all(w >= -1e-12) and abs(w.sum() - 1) < 1e-10
+            assert np.all(w >= -1e-12) and abs(w.sum() - 1) < mode_tol(1e-10, 1e-5)
             s = c * np.sqrt(Gn.sum()) / m
             rho = np.sqrt(w @ Gn @ w)
             grad = b + s * Gn @ w / rho
             lam = grad @ w
             # The 1e-10 ridge that makes w unique perturbs the gradient by ~s 1e-10/rho.
-            tol = 1e-9 + 1e-9 * s / rho
+            tol = mode_tol(1e-9) * (1 + s / rho)
             assert np.all(grad - lam >= -tol), (c, name)  # stationarity
             assert np.all(np.abs((grad - lam) * w) <= tol), (c, name)  # complementarity
 
@@ -444,7 +467,9 @@ def test_config_linear_under_scaling(getkey):
         a, b = 0.3, 0.6
         lhs = agg((a * c1 + b * c2)[:, None] * J)
         rhs = a * agg(c1[:, None] * J) + b * agg(c2[:, None] * J)
-        np.testing.assert_allclose(lhs, rhs, rtol=1e-9, atol=1e-12)
+        np.testing.assert_allclose(
+            lhs, rhs, rtol=mode_tol(1e-9), atol=mode_tol(1e-12, 1e-5)
+        )
 
 
 def test_bad_input():
@@ -517,6 +542,7 @@ def test_krum_ties_and_negative_distances():
     ],
     ids=["mgda", "alignedmtl", "alignedmtl_rmse", "krum", "trimmedmean"],
 )
+@requires_x64
 def test_gradients_differentiable(agg, getkey):
     """Forward and reverse mode agree with central finite differences (float64)."""
     for J in (

@@ -173,9 +173,11 @@ def test_pcgrad_special_cases():
     w, d = _run(agg, jnp.asarray(_pad([[1.0, 0.0], [-1.0, 0.0]], (2, 102))), key)
     np.testing.assert_array_equal(w, jnp.array([2.0, 2.0]))  # anti-parallel (§4.8)
     np.testing.assert_array_equal(d, jnp.zeros(102))
-    # NaN only in the NaN column (methods.md §9.5).
-    _, d = _run(agg, J_5X7.at[:, 2].set(jnp.nan), key)
-    assert bool(jnp.isnan(d[2])) and bool(jnp.all(jnp.isfinite(jnp.delete(d, 2))))
+    # A NaN column makes the whole Gramian NaN: NaN weights, so an all-NaN update.
+    # (TorchJD's comparisons with NaN fail, so it skips every projection and returns
+    # the plain row sum outside the NaN column: a finite but meaningless update.)
+    w, d = _run(agg, J_5X7.at[:, 2].set(jnp.nan), key)
+    assert bool(jnp.all(jnp.isnan(w))) and bool(jnp.all(jnp.isnan(d)))
 
 
 # ------------------------------------------------------------------------ Random
@@ -308,8 +310,9 @@ def test_graddrop_special_cases():
     # A zero column contributes 0; NaN stays in its column only.
     J = J_5X7.at[:, 1].set(0.0)
     assert float(eqxjd.GradDrop()(J, key=key)[1]) == 0.0
-    d = eqxjd.GradDrop()(J_5X7.at[:, 2].set(jnp.nan), key=key)
-    assert bool(jnp.all(jnp.isfinite(jnp.delete(d, 2))))
+    for call in (eqxjd.GradDrop(), eqx.filter_jit(eqxjd.GradDrop())):
+        d = call(J_5X7.at[:, 2].set(jnp.nan), key=key)
+        assert bool(jnp.isnan(d[2])) and bool(jnp.all(jnp.isfinite(jnp.delete(d, 2))))
 
 
 def test_graddrop_bad_input():

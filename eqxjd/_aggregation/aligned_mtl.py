@@ -7,7 +7,8 @@ from jaxtyping import Array, ArrayLike, Float, PRNGKeyArray
 
 from .._aggregator import AbstractWeightedAggregator
 from .._checks import check_gramian
-from .._misc import pref_weights
+from .._misc import nan_unless_finite, pref_weights
+from .._scale import in_window, promote_half
 from .._weighting import AbstractWeighting, Reads
 from .common import pref_field
 
@@ -84,7 +85,8 @@ class AlignedMTLWeighting(AbstractWeighting):
     epsilon of the input dtype); $B = I$ when there are none. $s$ is the smallest kept
     eigenvalue (`"min"`), their lower median (`"median"`, as `torch.median`) or their
     mean (`"rmse"`, the original implementation). Differentiable, with finite
-    derivatives even for rank-deficient Gramians.
+    derivatives even for rank-deficient Gramians. The weights of $c\,G$ equal those of
+    $G$ for every $c > 0$, however large or small; non-finite input gives NaN weights.
 
     Senushkin et al., *Independent Component Alignment for Multi-Task Learning*, CVPR
     2023, [arXiv:2305.19000](https://arxiv.org/abs/2305.19000), Algorithm 1.
@@ -106,13 +108,19 @@ class AlignedMTLWeighting(AbstractWeighting):
     def __call__(
         self, gramian: Float[Array, "m m"], /, *, key: PRNGKeyArray | None = None
     ) -> Float[Array, " m"]:
-        check_gramian(gramian)
+        gramian = check_gramian(gramian)
         m = gramian.shape[0]
-        pref = pref_weights(self.pref_vector, m, gramian.dtype)
+        dtype = gramian.dtype
+        # B p does not change when G is multiplied by a constant: compute it on G
+        # rescaled by a power of 4 into a safe range (the identity for ordinary
+        # Gramians), in float32 for half precision.
+        g = in_window(promote_half(gramian))
+        pref = pref_weights(self.pref_vector, m, g.dtype)
         if m == 0:
-            return pref
-        balance = _balance_transformation(gramian, self.scale_mode)
-        return jnp.matmul(balance, pref, precision=_HIGHEST)
+            return pref.astype(dtype)
+        balance = _balance_transformation(g, self.scale_mode)
+        weights = jnp.matmul(balance, pref, precision=_HIGHEST)
+        return nan_unless_finite(g, weights).astype(dtype)
 
 
 _ARGS = """**Arguments:**

@@ -1,5 +1,6 @@
 from typing import ClassVar
 
+import equinox as eqx
 import jax.lax as lax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, PRNGKeyArray
@@ -7,7 +8,7 @@ from jaxtyping import Array, Bool, Float, PRNGKeyArray
 from .._aggregator import AbstractWeightedAggregator
 from .._checks import check_gramian, check_nonnegative
 from .._custom_types import ScalarLike
-from .._misc import normalize, solve_dtype
+from .._misc import nan_unless_finite, normalize, solve_dtype
 from .._weighting import AbstractWeighting, Reads
 
 
@@ -165,6 +166,9 @@ def _cagrad_direction(
     return w
 
 
+# Jitted (inlined under an outer jit) so that eager calls do not re-trace and
+# re-compile the loop on every call.
+@eqx.filter_jit
 def _cagrad_weights(
     gramian: Float[Array, "m m"], c: Float[Array, ""], norm_eps: Float[Array, ""]
 ) -> Float[Array, " m"]:
@@ -189,7 +193,18 @@ def _cagrad_weights(
     w_linear = tied.astype(dtype) / jnp.sum(tied).astype(dtype)
     w = jnp.where(positive, w_conic, w_linear)
     norm = jnp.sqrt(jnp.maximum(_quad(normalized, w, w), 0))
-    large = norm >= norm_eps
+    # The ridge moves |g_w| of the minimiser by about sqrt(ridge) / sqrt(c^2 - 1),
+    # which in float32 can exceed norm_eps where the exact |g_w| is 0 (when c > 1 and
+    # the convex hull of the rows contains 0). For c > 1 the exact minimiser has
+    # |g_w| <= delta (c + 1) / (c - 1), with delta the distance from 0 to the hull
+    # (perturbed by the ridge only to second order): below norm_eps, the exact
+    # weights are zero.
+    w_min = _simplex_qp(a, jnp.zeros_like(b), mean)
+    delta = jnp.sqrt(jnp.maximum(_quad(normalized, w_min, w_min), 0))
+    above_one = c > 1
+    ratio = (c + 1) / jnp.where(above_one, c - 1, jnp.ones_like(c))
+    hull_zero = above_one & (delta * ratio < norm_eps)
+    large = (norm >= norm_eps) & ~hull_zero
     safe_norm = jnp.where(large, norm, jnp.ones_like(norm))
     return jnp.where(large, mean + (s / safe_norm) * w, jnp.zeros_like(w))
 
@@ -211,7 +226,10 @@ class CAGradWeighting(AbstractWeighting):
     (a scalar root search whose steps are exact on the support of $w$, around an
     active-set simplex QP; see the source), in float64 when x64 is enabled. For
     $c \geq 1$ TorchJD's answer is only accurate to about `1e-5`; eqxjd returns the
-    optimum. Not differentiable (gradients are stopped).
+    optimum. Not differentiable (gradients are stopped). The weights of $c'G$ equal
+    those of $G$ for every $c' > 0$ on the same side of `norm_eps` (the threshold is
+    compared with the trace of $G$ itself, as in TorchJD); non-finite input gives NaN
+    weights.
 
     Liu et al., *Conflict-Averse Gradient Descent for Multi-task Learning*, NeurIPS
     2021, [arXiv:2110.14048](https://arxiv.org/abs/2110.14048), Algorithm 1.
@@ -230,7 +248,7 @@ class CAGradWeighting(AbstractWeighting):
     def __call__(
         self, gramian: Float[Array, "m m"], /, *, key: PRNGKeyArray | None = None
     ) -> Float[Array, " m"]:
-        check_gramian(gramian)
+        gramian = check_gramian(gramian)
         m = gramian.shape[0]
         if m == 0:
             return jnp.zeros((0,), gramian.dtype)
@@ -238,7 +256,7 @@ class CAGradWeighting(AbstractWeighting):
         g = lax.stop_gradient(gramian).astype(dtype)
         c = jnp.asarray(lax.stop_gradient(self.c), dtype)
         norm_eps = jnp.asarray(lax.stop_gradient(self.norm_eps), dtype)
-        weights = _cagrad_weights(g, c, norm_eps)
+        weights = nan_unless_finite(g, _cagrad_weights(g, c, norm_eps))
         return lax.stop_gradient(weights.astype(gramian.dtype))
 
 

@@ -7,6 +7,7 @@ from jaxtyping import Array, ArrayLike, Float, PRNGKeyArray
 from .._aggregator import AbstractWeightedAggregator
 from .._checks import check_length, check_matrix
 from .._misc import as_vector
+from .._scale import work_dtype
 from .._weighting import AbstractWeighting, Reads
 
 
@@ -24,9 +25,9 @@ class ConstantWeighting(AbstractWeighting):
     def __call__(
         self, stat: Float[Array, "m k"], /, *, key: PRNGKeyArray | None = None
     ) -> Float[Array, " m"]:
-        check_matrix(stat, "stat")
+        stat = check_matrix(stat, "stat")
         check_length(self.weights, stat.shape[0], "weights")
-        return self.weights.astype(stat.dtype)
+        return self.weights.astype(work_dtype(stat.dtype)).astype(stat.dtype)
 
 
 ConstantWeighting.__init__.__doc__ = """**Arguments:**

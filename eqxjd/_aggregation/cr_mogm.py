@@ -3,11 +3,20 @@ import functools as ft
 import equinox as eqx
 import jax.lax as lax
 import jax.numpy as jnp
-from jaxtyping import Array, Bool, Float, PRNGKeyArray
+from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 
-from .._checks import check_matrix, check_range, check_scalar, check_state_shape
+from .._checks import (
+    check_gramian,
+    check_matrix,
+    check_range,
+    check_scalar,
+    check_state_shape,
+    require_state,
+    WEIGHTING_USAGE,
+)
 from .._custom_types import ScalarLike, State
-from .._misc import as_vector
+from .._misc import all_finite, as_vector, keep_state_unless
+from .._scale import call_scaled, promote_half, work_dtype
 from .._weighting import AbstractStatefulWeighting, AbstractWeighting, Reads
 
 
@@ -31,7 +40,10 @@ class CRMOGMWeighting(AbstractStatefulWeighting):
     Wraps a stateless or a stateful weighting, Gramian- or Jacobian-based (the
     statistic is passed through unchanged, and so is `key`). The state holds
     $\lambda_{k-1}$ and the wrapped weighting's state (`None` for a stateless one).
-    Differentiable if and only if the wrapped weighting is. Build the aggregator with
+    Differentiable if and only if the wrapped weighting is. A call with non-finite
+    input (or non-finite wrapped weights) returns NaN weights and leaves the moving
+    average unchanged (the wrapped weighting's state follows its own rule). Build the
+    aggregator with
     `eqxjd.StatefulWeightedAggregator(CRMOGMWeighting(eqxjd.UPGradWeighting()))`.
     The paper's schedule $\alpha_k = 1 - \mathrm{lr}_k/\mathrm{lr}_0$ is obtained
     by rebuilding the module with another `alpha` (`alpha` is an ordinary
@@ -69,9 +81,10 @@ class CRMOGMWeighting(AbstractStatefulWeighting):
         return self.weighting.differentiable
 
     def init(self, stat: Float[Array, "m k"], /) -> State:
-        check_matrix(stat, "stat")
+        stat = check_gramian(stat) if self.reads == "gramian" else check_matrix(stat)
+        stat = promote_half(stat)
         m = stat.shape[0]
-        dtype = stat.dtype
+        dtype = work_dtype(stat.dtype)
         if isinstance(self.weighting, AbstractStatefulWeighting):
             inner = self.weighting.init(stat)
         else:
@@ -90,12 +103,28 @@ class CRMOGMWeighting(AbstractStatefulWeighting):
     def __call__(
         self,
         stat: Float[Array, "m k"],
-        state: State,
+        state: State = None,
         /,
         *,
         key: PRNGKeyArray | None = None,
     ) -> tuple[Float[Array, " m"], State]:
-        check_matrix(stat, "stat")
+        require_state(state, "CRMOGMWeighting", WEIGHTING_USAGE)
+        stat = check_matrix(stat, "stat")
+        weights, state = self._scaled_call(promote_half(stat), None, state, key=key)
+        return weights.astype(stat.dtype), state
+
+    def _scaled_call(
+        self,
+        stat: Float[Array, "m k"],
+        k: Int[Array, ""] | None,
+        state: State = None,
+        /,
+        *,
+        key: PRNGKeyArray | None = None,
+    ) -> tuple[Float[Array, " m"], State]:
+        # `stat * 4^k` for a rescaled Gramian (see `_scale.py`): passed on as it is.
+        require_state(state, "CRMOGMWeighting", WEIGHTING_USAGE)
+        stat = check_matrix(stat, "stat")
         m = stat.shape[0]
         if state.weights.shape != (m,):
             raise ValueError(
@@ -104,9 +133,11 @@ class CRMOGMWeighting(AbstractStatefulWeighting):
                 "before changing the number of objectives."
             )
         if isinstance(self.weighting, AbstractStatefulWeighting):
-            lambda_hat, inner = self.weighting(stat, state.inner, key=key)
+            lambda_hat, inner = call_scaled(
+                self.weighting, stat, k, state.inner, key=key
+            )
         else:
-            lambda_hat = self.weighting(stat, key=key)
+            lambda_hat = call_scaled(self.weighting, stat, k, key=key)
             inner = state.inner
         check_state_shape(lambda_hat.shape, (m,), "CRMOGM")
         dtype = lambda_hat.dtype
@@ -115,10 +146,16 @@ class CRMOGMWeighting(AbstractStatefulWeighting):
         weights = alpha * previous + (1 - alpha) * lambda_hat
         if not self.differentiable:
             weights = lax.stop_gradient(weights)
-        new_state = _CRMOGMState(
-            weights.astype(state.weights.dtype), jnp.ones((), bool), inner
+        # The wrapped weighting keeps its own state policy; the moving average is not
+        # updated by a step with non-finite input or weights.
+        finite = all_finite(stat) & all_finite(lambda_hat)
+        average, started = keep_state_unless(
+            finite,
+            (weights.astype(state.weights.dtype), jnp.ones((), bool)),
+            (state.weights, state.started),
         )
-        return weights, new_state
+        new_state = _CRMOGMState(average, started, inner)
+        return jnp.where(finite, weights, jnp.nan), new_state
 
 
 CRMOGMWeighting.__init__.__doc__ = """**Arguments:**

@@ -7,13 +7,24 @@ import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 
 from .._aggregator import AbstractStatefulWeightedAggregator
-from .._checks import check_matrix, check_range, check_scalar, check_state_shape
+from .._checks import (
+    check_matrix,
+    check_range,
+    check_scalar,
+    check_state_shape,
+    require_state,
+    WEIGHTING_USAGE,
+)
 from .._custom_types import ScalarLike, State
+from .._misc import all_finite, keep_state_unless
+from .._scale import work_dtype
 from .._weighting import AbstractStatefulWeighting, Reads
 
 
 class _ExcessMTLState(eqx.Module):
-    sq_grad_sum: Float[Array, "m n"]
+    # sqrt(S), the root of the accumulated squared gradients: representable whenever
+    # the gradients are (S itself would overflow or underflow far sooner).
+    grad_root: Float[Array, "m n"]
     warmup_sum: Float[Array, " m"]
     weights: Float[Array, " m"]
     baseline: Float[Array, " m"]
@@ -37,7 +48,10 @@ class ExcessMTLWeighting(AbstractStatefulWeighting):
 
     (Equation 9, exponentiated gradient; $w_0 = 1/m$). Stateful ($S \in
     \mathbb{R}^{m \times n}$: memory $O(mn)$, plus the warm-up sum, the weights, the
-    baseline and the step count). Not differentiable.
+    baseline and the step count). Not differentiable. Non-finite input gives NaN
+    weights and leaves the state unchanged. Not homogeneous (the $10^{-7}$ terms and
+    the raw first excess risk depend on the scale), but finite for every finite
+    Jacobian: the state keeps $\sqrt S$, and no squared gradient is formed.
 
     He et al., *Robust Multi-Task Learning with Excess Risks*, ICML 2024,
     [arXiv:2402.02009](https://arxiv.org/abs/2402.02009).
@@ -60,11 +74,11 @@ class ExcessMTLWeighting(AbstractStatefulWeighting):
             )
 
     def init(self, jacobian: Float[Array, "m n"], /) -> State:
-        check_matrix(jacobian)
+        jacobian = check_matrix(jacobian)
         m, n = jacobian.shape
-        dtype = jacobian.dtype
+        dtype = work_dtype(jacobian.dtype)
         return _ExcessMTLState(
-            sq_grad_sum=jnp.zeros((m, n), dtype),
+            grad_root=jnp.zeros((m, n), dtype),
             warmup_sum=jnp.zeros((m,), dtype),
             weights=jnp.full((m,), 1 / max(m, 1), dtype),
             baseline=jnp.zeros((m,), dtype),
@@ -75,19 +89,22 @@ class ExcessMTLWeighting(AbstractStatefulWeighting):
     def __call__(
         self,
         jacobian: Float[Array, "m n"],
-        state: State,
+        state: State = None,
         /,
         *,
         key: PRNGKeyArray | None = None,
     ) -> tuple[Float[Array, " m"], State]:
-        check_matrix(jacobian)
-        check_state_shape(state.sq_grad_sum.shape, jacobian.shape, "ExcessMTL")
+        require_state(state, "ExcessMTLWeighting", WEIGHTING_USAGE)
+        jacobian = check_matrix(jacobian)
+        check_state_shape(state.grad_root.shape, jacobian.shape, "ExcessMTL")
         dtype = state.weights.dtype
         j = lax.stop_gradient(jacobian).astype(dtype)
-        sq = j * j
-        sq_grad_sum = state.sq_grad_sum + sq
-        h = jnp.sqrt(sq_grad_sum + 1e-7)
-        excess = jnp.sum(sq / h, axis=1)
+        # Q / sqrt(S + 1e-7) written as |j| (|j| / hypot(sqrt(S), sqrt(1e-7))): no
+        # square of a gradient is formed, so nothing overflows or underflows.
+        grad_root = jnp.hypot(state.grad_root, j)
+        h = jnp.hypot(grad_root, jnp.sqrt(jnp.asarray(1e-7, dtype)))
+        magnitude = jnp.abs(j)
+        excess = jnp.sum(magnitude * (magnitude / h), axis=1)
 
         warm = state.n_steps < self.n_warmup_steps
         n_steps = state.n_steps + 1
@@ -101,18 +118,23 @@ class ExcessMTLWeighting(AbstractStatefulWeighting):
         baseline = jnp.where(state.has_baseline, state.baseline, first_baseline)
         scaled = jnp.where(state.has_baseline, excess / (baseline + 1e-7), first_excess)
         eta = jnp.asarray(self.robust_step_size, dtype)
-        updated = jax.nn.softmax(jnp.log(state.weights) + scaled * eta)
+        # An overflowing step (a huge excess risk) becomes the largest finite one: the
+        # softmax then gives all the weight to the largest logits, its limit.
+        step = jnp.minimum(scaled * eta, jnp.finfo(dtype).max)
+        updated = jax.nn.softmax(jnp.log(state.weights) + step)
 
         weights = jnp.where(warm, state.weights, updated)
         new_state = _ExcessMTLState(
-            sq_grad_sum=sq_grad_sum,
+            grad_root=grad_root,
             warmup_sum=warmup_sum,
             weights=weights,
             baseline=jnp.where(warm, state.baseline, baseline),
             has_baseline=state.has_baseline | ~warm,
             n_steps=n_steps,
         )
-        out = weights.astype(jacobian.dtype)
+        finite = all_finite(j)
+        new_state = keep_state_unless(finite, new_state, state)
+        out = jnp.where(finite, weights, jnp.nan).astype(jacobian.dtype)
         return lax.stop_gradient(out), lax.stop_gradient(new_state)
 
 

@@ -4,12 +4,13 @@ import equinox as eqx
 import jax
 import jax.lax as lax
 import jax.numpy as jnp
-from jaxtyping import Array, Bool, Float, PRNGKeyArray
+from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 
 from .._aggregator import AbstractWeightedAggregator
 from .._checks import check_gramian, check_range, check_scalar
 from .._custom_types import ScalarLike
 from .._misc import nan_unless_finite, solve_dtype
+from .._scale import to_window
 from .._weighting import AbstractWeighting, Reads
 
 
@@ -130,7 +131,10 @@ class FairGradWeighting(AbstractWeighting):
     (see `fairgrad_root`), in float64 when available, inside `lax.while_loop`.
     **Documented extension:** rows with $G_{ii} = 0$ (zero gradients) have no root;
     they get weight $0$ (TorchJD returns arbitrary large weights with no effect on $d$).
-    Not differentiable (gradients are zero). Non-finite input gives NaN weights.
+    Not differentiable (gradients are zero). Non-finite input gives NaN weights. The
+    weights of $c\,G$ are $c^{-\alpha/(\alpha+1)}$ times those of $G$ for every
+    $c > 0$, however large or small (the equation is solved on $G$ rescaled by a power
+    of 4, and the root scaled back).
 
     Ban & Ji, *Fair Resource Allocation in Multi-Task Learning*, ICML 2024,
     [arXiv:2402.15638](https://arxiv.org/abs/2402.15638), Equation 4 / Algorithm 1.
@@ -157,18 +161,32 @@ class FairGradWeighting(AbstractWeighting):
     def __call__(
         self, gramian: Float[Array, "m m"], /, *, key: PRNGKeyArray | None = None
     ) -> Float[Array, " m"]:
-        check_gramian(gramian)
+        return self._scaled_call(gramian, jnp.zeros((), jnp.int32), key=key)
+
+    def _scaled_call(
+        self,
+        gramian: Float[Array, "m m"],
+        k: Int[Array, ""],
+        /,
+        *,
+        key: PRNGKeyArray | None = None,
+    ) -> Float[Array, " m"]:
+        # The weights of `gramian * 4^k` (see `_scale.py`).
+        gramian = check_gramian(gramian)
         m = gramian.shape[0]
         dtype = gramian.dtype
         if m == 0:
             return jnp.zeros((0,), dtype)
         sd = solve_dtype(dtype)
-        g = gramian.astype(sd)
+        g, k_window = to_window(gramian.astype(sd))
         alpha = jnp.asarray(self.alpha, sd)
         is_zero = alpha == 0
         safe_alpha = jnp.where(is_zero, jnp.ones_like(alpha), alpha)
         max_iters = _DEFAULT_MAX_ITERS if self.max_iters is None else self.max_iters
         root, _ = fairgrad_root(g, safe_alpha, max_iters)
+        # The root of (c G) w = w^(-1/alpha) is c^(-alpha/(alpha+1)) times that of G.
+        log2_c = 2 * (k + k_window).astype(sd)
+        root = root * jnp.exp2(-log2_c * safe_alpha / (safe_alpha + 1))
         uniform = jnp.full((m,), 1 / m, sd)
         weights = jnp.where(is_zero, uniform, root)
         weights = nan_unless_finite(g, weights).astype(dtype)

@@ -10,6 +10,7 @@ from jaxtyping import Array, Float, PRNGKeyArray
 from .._aggregator import AbstractAggregator
 from .._checks import check_length, check_matrix, require_key
 from .._misc import as_vector
+from .._scale import promote_half, work_dtype
 
 
 def _identity(purity: Float[Array, " n"]) -> Float[Array, " n"]:
@@ -35,28 +36,33 @@ def graddrop(
     With TorchJD's draws (`torch.rand(n, dtype=J.dtype)` after `torch.manual_seed(0)`)
     it reproduces TorchJD's output. Not differentiable (the caller stops gradients).
     """
-    check_matrix(jacobian)
+    jacobian = check_matrix(jacobian)
     m, n = jacobian.shape
     if leak is not None:
         check_length(leak, m, "leak")
+    dtype = jacobian.dtype
     if m == 0 or n == 0:
-        return jnp.zeros((n,), jacobian.dtype)
-    leak = (
-        jnp.zeros((m,), jacobian.dtype) if leak is None else leak.astype(jacobian.dtype)
-    )
-    one = jnp.ones((), jacobian.dtype)
+        return jnp.zeros((n,), dtype)
+    jacobian = promote_half(jacobian)
+    work = jacobian.dtype
+    leak = jnp.zeros((m,), work) if leak is None else leak.astype(work)
+    one = jnp.ones((), work)
     # Gradient positive sign purity; an all-zero column gives NaN, then every
     # comparison below is False and the column contributes 0 (as TorchJD).
     purity = 0.5 * (
         one + jnp.sum(jacobian, axis=0) / jnp.sum(jnp.abs(jacobian), axis=0)
     )
-    f_purity = jnp.asarray(f(purity)).astype(jacobian.dtype)
-    uniforms = uniforms.astype(jacobian.dtype)
+    f_purity = jnp.asarray(f(purity)).astype(work)
+    uniforms = jnp.asarray(uniforms).astype(work)
     above = (f_purity > uniforms)[None, :]
     below = (f_purity < uniforms)[None, :]
     keep = (above & (jacobian > 0)) | (below & (jacobian < 0))
-    mask = leak[:, None] + (one - leak[:, None]) * keep.astype(jacobian.dtype)
-    return jnp.sum(mask * jacobian, axis=0)
+    mask = leak[:, None] + (one - leak[:, None]) * keep.astype(work)
+    out = jnp.sum(mask * jacobian, axis=0)
+    # A column with a non-finite entry gives NaN, eagerly and under jit alike (XLA may
+    # turn `0 * nan` from a dropped entry into 0).
+    finite = jnp.all(jnp.isfinite(jacobian), axis=0)
+    return jnp.where(finite, out, jnp.nan).astype(dtype)
 
 
 class GradDrop(AbstractAggregator):
@@ -71,7 +77,9 @@ class GradDrop(AbstractAggregator):
     $$A(J)_k = \sum_i \big(\ell_i + (1 - \ell_i) M_{ik}\big) J_{ik}.$$
 
     Not differentiable (gradients through the output are zero). `key` is required.
-    An all-zero column gives $0$; `m = 0` or `n = 0` gives `zeros(n)`.
+    An all-zero column gives $0$; a column with a NaN or infinite entry gives NaN (the
+    other coordinates are unaffected); `m = 0` or `n = 0` gives `zeros(n)`. Positively
+    homogeneous: $A(cJ) = c\,A(J)$ for $c > 0$ with the same key.
 
     Chen et al., *Just Pick a Sign: Optimizing Deep Multitask Models with Gradient Sign
     Dropout*, NeurIPS 2020, [arXiv:2010.06808](https://arxiv.org/abs/2010.06808),
@@ -86,11 +94,12 @@ class GradDrop(AbstractAggregator):
     def __call__(
         self, jacobian: Float[Array, "m n"], /, *, key: PRNGKeyArray | None = None
     ) -> Float[Array, " n"]:
-        check_matrix(jacobian)
+        jacobian = check_matrix(jacobian)
         if self.leak is not None:
             check_length(self.leak, jacobian.shape[0], "leak")
         key = require_key(key, "GradDrop")
-        uniforms = graddrop_uniforms(key, jacobian.shape[1], jacobian.dtype)
+        # Half precision runs in float32, draws included.
+        uniforms = graddrop_uniforms(key, jacobian.shape[1], work_dtype(jacobian.dtype))
         out = graddrop(jacobian, uniforms, self.f, self.leak)
         return lax.stop_gradient(out)
 

@@ -14,8 +14,12 @@ from .._checks import (
     check_scalar,
     check_state_shape,
     require_key,
+    require_state,
+    WEIGHTING_USAGE,
 )
 from .._custom_types import ScalarLike, State
+from .._misc import all_finite
+from .._scale import to_window, wide_window, work_dtype
 from .._weighting import AbstractStatefulWeighting, Reads
 
 
@@ -34,6 +38,9 @@ def gradvac_orders(key: PRNGKeyArray, m: int) -> Int[Array, "m k"]:
     return jax.vmap(lambda k: jr.permutation(k, m - 1))(keys)
 
 
+# Jitted (inlined under an outer jit) so that eager calls do not re-trace and
+# re-compile the loop on every call.
+@eqx.filter_jit
 def gradvac_weights(
     gramian: Float[Array, "m m"],
     phi_hat: Float[Array, "m m"],
@@ -45,17 +52,25 @@ def gradvac_weights(
     given (row `i` of `orders` indexes the rows other than `i`, as TorchJD's
     `randperm(m - 1)`). Returns the weights and the updated $\hat\phi$, in the dtype of
     `gramian`. With TorchJD's draws it reproduces TorchJD's weights and state.
+
+    Non-finite input gives NaN weights and returns `phi_hat` unchanged. Half precision
+    runs in float32; a Gramian too large or too small for sums of its entries is
+    rescaled by a power of 4 first (the cosines do not change, and `eps` stays
+    negligible, or dominant, as it is at the true scale).
     """
-    check_gramian(gramian)
+    gramian = check_gramian(gramian)
     m = gramian.shape[0]
-    dtype = gramian.dtype
     if orders.shape != (m, max(m - 1, 0)):
         raise ValueError(
             f"`orders` must have shape ({m}, {max(m - 1, 0)}); got {orders.shape}."
         )
-    phi_hat = phi_hat.astype(dtype)
+    out_dtype = gramian.dtype
+    dtype = work_dtype(out_dtype)
+    gramian, _ = to_window(gramian.astype(dtype), wide_window(dtype))
+    phi_hat = jnp.asarray(phi_hat).astype(dtype)
+    orders = jnp.asarray(orders)
     if m <= 1:
-        return jnp.ones((m,), dtype), phi_hat
+        return jnp.ones((m,), out_dtype), phi_hat
     beta = jnp.asarray(beta, dtype)
     eps = jnp.asarray(eps, dtype)
     zero = jnp.zeros((), dtype)
@@ -90,7 +105,9 @@ def gradvac_weights(
         return c, phi_row
 
     coefficients, new_phi = jax.vmap(one_row)(jnp.arange(m), orders, phi_hat)
-    return jnp.sum(coefficients, axis=0), new_phi
+    finite = all_finite(gramian)
+    weights = jnp.where(finite, jnp.sum(coefficients, axis=0), jnp.nan)
+    return weights.astype(out_dtype), jnp.where(finite, new_phi, phi_hat)
 
 
 class GradVacWeighting(AbstractStatefulWeighting):
@@ -111,7 +128,9 @@ class GradVacWeighting(AbstractStatefulWeighting):
 
     Stateful ($\hat\phi \in \mathbb{R}^{m \times m}$, zeros from `init`) and random
     (`key` required; one permutation per row). Not differentiable. The deterministic
-    core is `gradvac_weights` (draws injected).
+    core is `gradvac_weights` (draws injected). Non-finite input gives NaN weights and
+    leaves the state unchanged. With `eps = 0` the weights of $c\,G$ equal those of
+    $G$ for every $c > 0$; with `eps > 0` they do up to the `eps` terms.
 
     Wang et al., *Gradient Vaccine: Investigating and Improving Multi-task Optimization
     in Massively Multilingual Models*, ICLR 2021,
@@ -132,19 +151,20 @@ class GradVacWeighting(AbstractStatefulWeighting):
         check_range(self.eps, "eps", 0.0)
 
     def init(self, gramian: Float[Array, "m m"], /) -> State:
-        check_gramian(gramian)
+        gramian = check_gramian(gramian)
         m = gramian.shape[0]
-        return _GradVacState(phi_hat=jnp.zeros((m, m), gramian.dtype))
+        return _GradVacState(phi_hat=jnp.zeros((m, m), work_dtype(gramian.dtype)))
 
     def __call__(
         self,
         gramian: Float[Array, "m m"],
-        state: State,
+        state: State = None,
         /,
         *,
         key: PRNGKeyArray | None = None,
     ) -> tuple[Float[Array, " m"], State]:
-        check_gramian(gramian)
+        require_state(state, "GradVacWeighting", WEIGHTING_USAGE)
+        gramian = check_gramian(gramian)
         m = gramian.shape[0]
         check_state_shape(state.phi_hat.shape, (m, m), "GradVac")
         key = require_key(key, "GradVac")

@@ -6,6 +6,8 @@ from jaxtyping import Array, Float, PRNGKeyArray
 
 from .._aggregator import AbstractWeightedAggregator
 from .._checks import check_gramian
+from .._misc import nan_unless_finite
+from .._scale import in_window, promote_half
 from .._weighting import AbstractWeighting, Reads
 
 
@@ -58,6 +60,12 @@ class IMTLGWeighting(AbstractWeighting):
     $J = [[1, 0], [-1, 0]]$ in float32; eqxjd returns $0$ as in float64). Zero
     Gramians give zero weights. Not differentiable (gradients are stopped).
 
+    The weights of $c\,G$ equal those of $G$ for every $c > 0$: eqxjd applies the
+    $10^{-12}$ test to $G$ rescaled by a power of 4 into $[2^{-40}, 2^{40}]$ (trace),
+    whereas TorchJD's weights vanish for very large Gramians (trace $\gtrsim 10^{24}$,
+    where $\mathbf 1^\top v$ falls below $10^{-12}$). Non-finite input gives NaN
+    weights.
+
     Liu et al., *Towards Impartial Multi-task Learning*, ICLR 2021; generalised to
     linearly dependent rows in Quinton & Rey,
     [arXiv:2406.16232](https://arxiv.org/abs/2406.16232).
@@ -70,10 +78,16 @@ class IMTLGWeighting(AbstractWeighting):
     def __call__(
         self, gramian: Float[Array, "m m"], /, *, key: PRNGKeyArray | None = None
     ) -> Float[Array, " m"]:
-        check_gramian(gramian)
+        gramian = check_gramian(gramian)
+        dtype = gramian.dtype
         if gramian.shape[0] == 0:
-            return jnp.zeros((0,), gramian.dtype)
-        return lax.stop_gradient(_imtlg_weights(lax.stop_gradient(gramian)))
+            return jnp.zeros((0,), dtype)
+        # The weights do not change when G is multiplied by a constant: compute them
+        # on G rescaled by a power of 4 into a safe range (the identity for ordinary
+        # Gramians), in float32 for half precision.
+        g = in_window(promote_half(lax.stop_gradient(gramian)))
+        weights = nan_unless_finite(g, _imtlg_weights(g))
+        return lax.stop_gradient(weights.astype(dtype))
 
 
 IMTLGWeighting.__init__.__doc__ = """**Arguments:** none."""

@@ -7,6 +7,8 @@ from jaxtyping import Array, Float, PRNGKeyArray
 
 from .._aggregator import AbstractWeightedAggregator
 from .._checks import check_gramian
+from .._misc import nan_unless_finite
+from .._scale import in_window, promote_half
 from .._weighting import AbstractWeighting, Reads
 
 
@@ -19,6 +21,8 @@ class KrumWeighting(AbstractWeighting):
     smallest distances to the other rows. Ties in the scores go to the lowest index.
     The weights are piecewise constant, so they carry no gradient (as in TorchJD, where
     they come from a one-hot encoding); the aggregation is differentiable in $J$.
+    The selection is the same for $c\,G$, $c > 0$, at any scale; non-finite input gives
+    NaN weights (a NaN score would otherwise be sorted as the largest).
 
     Blanchard et al., *Machine Learning with Adversaries: Byzantine Tolerant Gradient
     Descent*, NeurIPS 2017, [arXiv:1703.02757](https://arxiv.org/abs/1703.02757).
@@ -43,7 +47,7 @@ class KrumWeighting(AbstractWeighting):
     def __call__(
         self, gramian: Float[Array, "m m"], /, *, key: PRNGKeyArray | None = None
     ) -> Float[Array, " m"]:
-        check_gramian(gramian)
+        gramian = check_gramian(gramian)
         m = gramian.shape[0]
         min_rows = self.n_byzantine + 3
         if m < min_rows:
@@ -56,7 +60,11 @@ class KrumWeighting(AbstractWeighting):
                 f"Krum needs at least {self.n_selected} rows (n_selected); got a "
                 f"Jacobian with {m} rows."
             )
-        g = lax.stop_gradient(gramian)
+        dtype = gramian.dtype
+        # The selection does not change when G is multiplied by a constant: compute
+        # it on G rescaled by a power of 4 into a safe range (the identity for
+        # ordinary Gramians).
+        g = in_window(promote_half(lax.stop_gradient(gramian)))
         norms_squared = jnp.diagonal(g)
         distances_squared = norms_squared[None, :] + norms_squared[:, None] - 2 * g
         distances = jnp.sqrt(jnp.maximum(distances_squared, 0))
@@ -64,8 +72,9 @@ class KrumWeighting(AbstractWeighting):
         smallest = jnp.sort(distances, axis=1)[:, 1 : n_closest + 1]
         scores = jnp.sum(smallest, axis=1)
         selected = jnp.argsort(scores, stable=True)[: self.n_selected]
-        counts = jnp.zeros((m,), gramian.dtype).at[selected].add(1)
-        return counts / jnp.asarray(self.n_selected, gramian.dtype)
+        counts = jnp.zeros((m,), g.dtype).at[selected].add(1)
+        weights = counts / jnp.asarray(self.n_selected, g.dtype)
+        return nan_unless_finite(g, weights).astype(dtype)
 
 
 _ARGS = """**Arguments:**

@@ -5,6 +5,7 @@ from jaxtyping import Array, Float, PRNGKeyArray
 
 from .._aggregator import AbstractWeightedAggregator
 from .._checks import check_matrix
+from .._scale import work_dtype
 from .._weighting import AbstractWeighting, Reads
 
 
@@ -19,9 +20,10 @@ class MeanWeighting(AbstractWeighting):
     def __call__(
         self, stat: Float[Array, "m k"], /, *, key: PRNGKeyArray | None = None
     ) -> Float[Array, " m"]:
-        check_matrix(stat, "stat")
+        stat = check_matrix(stat, "stat")
         m = stat.shape[0]
-        return jnp.full((m,), 1 / max(m, 1), dtype=stat.dtype)
+        work = work_dtype(stat.dtype)
+        return jnp.full((m,), 1 / max(m, 1), dtype=work).astype(stat.dtype)
 
 
 class Mean(AbstractWeightedAggregator):

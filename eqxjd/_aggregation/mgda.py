@@ -8,12 +8,17 @@ from jaxtyping import Array, Float, PRNGKeyArray
 from .._aggregator import AbstractWeightedAggregator
 from .._checks import check_gramian
 from .._custom_types import ScalarLike
+from .._misc import nan_unless_finite
+from .._scale import in_window, promote_half
 from .._weighting import AbstractWeighting, Reads
 
 
 _HIGHEST = lax.Precision.HIGHEST
 
 
+# Jitted (inlined under an outer jit) so that eager calls do not re-trace and
+# re-compile the loop on every call.
+@eqx.filter_jit
 def _frank_wolfe(
     gramian: Float[Array, "m m"], epsilon: Float[Array, ""], max_iters: int
 ) -> Float[Array, " m"]:
@@ -58,7 +63,9 @@ class MGDAWeighting(AbstractWeighting):
     $(1 - \gamma)\alpha + \gamma e_t$ with the exact line-search step $\gamma$; the loop
     stops when $\gamma <$ `epsilon` or after `max_iters` steps. This is TorchJD's loop,
     step for step (same tie and step rules), so the weights agree to rounding.
-    Differentiable (through the unrolled loop, as in TorchJD).
+    Differentiable (through the unrolled loop, as in TorchJD). The weights of $c\,G$
+    equal those of $G$ for every $c > 0$, however large or small; non-finite input
+    gives NaN weights.
 
     Sener & Koltun, *Multi-Task Learning as Multi-Objective Optimization*, NeurIPS 2018,
     [arXiv:1810.04650](https://arxiv.org/abs/1810.04650), Algorithm 2.
@@ -81,11 +88,17 @@ class MGDAWeighting(AbstractWeighting):
     def __call__(
         self, gramian: Float[Array, "m m"], /, *, key: PRNGKeyArray | None = None
     ) -> Float[Array, " m"]:
-        check_gramian(gramian)
+        gramian = check_gramian(gramian)
+        dtype = gramian.dtype
         if gramian.shape[0] == 0:
-            return jnp.zeros((0,), gramian.dtype)
-        epsilon = jnp.asarray(self.epsilon, gramian.dtype)
-        return _frank_wolfe(gramian, epsilon, self.max_iters)
+            return jnp.zeros((0,), dtype)
+        # The weights do not change when G is multiplied by a constant: compute them
+        # on G rescaled by a power of 4 into a safe range (the identity for ordinary
+        # Gramians).
+        g = in_window(promote_half(gramian))
+        epsilon = jnp.asarray(self.epsilon, g.dtype)
+        weights = _frank_wolfe(g, epsilon, self.max_iters)
+        return nan_unless_finite(g, weights).astype(dtype)
 
 
 _ARGS = """**Arguments:**

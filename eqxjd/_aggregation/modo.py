@@ -5,9 +5,17 @@ import jax.lax as lax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, PRNGKeyArray
 
-from .._checks import check_gramian, check_range, check_scalar, check_state_shape
+from .._checks import (
+    check_gramian,
+    check_range,
+    check_scalar,
+    check_state_shape,
+    require_state,
+    WEIGHTING_USAGE,
+)
 from .._custom_types import ScalarLike, State
-from .._misc import project_onto_simplex
+from .._misc import all_finite, keep_state_unless, project_onto_simplex
+from .._scale import in_window, promote_half, wide_window, work_dtype
 from .._weighting import AbstractStatefulWeighting, Reads
 
 
@@ -34,7 +42,8 @@ class MoDoWeighting(AbstractStatefulWeighting):
 
     Typical step (two batches): `weights, state = modo(J1 @ J2.T, state)`, then the
     update is `weights @ (J1 + J2) / 2` (three batches: `weights @ J3`). Stateful
-    ($\lambda$), not differentiable, no aggregator class (as TorchJD).
+    ($\lambda$), not differentiable, no aggregator class (as TorchJD). Non-finite
+    input gives NaN weights and leaves the state unchanged.
 
     Chen et al., *Three-Way Trade-Off in Multi-Objective Learning: Optimization,
     Generalization and Conflict-Avoidance*, JMLR 2024,
@@ -55,30 +64,39 @@ class MoDoWeighting(AbstractStatefulWeighting):
         check_range(self.rho, "rho", 0.0)
 
     def init(self, matrix: Float[Array, "m m"], /) -> State:
-        check_gramian(matrix)
+        matrix = check_gramian(matrix)
         m = matrix.shape[0]
-        return _MoDoState(jnp.full((m,), 1 / max(m, 1), matrix.dtype))
+        return _MoDoState(jnp.full((m,), 1 / max(m, 1), work_dtype(matrix.dtype)))
 
     def __call__(
         self,
         matrix: Float[Array, "m m"],
-        state: State,
+        state: State = None,
         /,
         *,
         key: PRNGKeyArray | None = None,
     ) -> tuple[Float[Array, " m"], State]:
-        check_gramian(matrix)
+        require_state(state, "MoDoWeighting", WEIGHTING_USAGE)
+        matrix = check_gramian(matrix)
         m = matrix.shape[0]
         check_state_shape(state.weights.shape, (m,), "MoDo")
         dtype = matrix.dtype
-        lam = state.weights.astype(dtype)
+        work = promote_half(matrix)
+        # Rescaled (by a power of 4) only if its entries are too large or too small
+        # for sums of them; the step is then dominated by, or blind to, M as it is at
+        # the true scale.
+        work = in_window(work, wide_window(work.dtype))
+        lam = state.weights.astype(work.dtype)
         grad = (
-            jnp.matmul(matrix, lam, precision=_HIGHEST)
-            + jnp.asarray(self.rho, dtype) * lam
+            jnp.matmul(work, lam, precision=_HIGHEST)
+            + jnp.asarray(self.rho, work.dtype) * lam
         )
-        lam = project_onto_simplex(lam - jnp.asarray(self.gamma, dtype) * grad)
+        lam = project_onto_simplex(lam - jnp.asarray(self.gamma, work.dtype) * grad)
         lam = lax.stop_gradient(lam)
-        return lam, _MoDoState(lam.astype(state.weights.dtype))
+        finite = all_finite(work)
+        new_state = _MoDoState(lam.astype(state.weights.dtype))
+        new_state = keep_state_unless(finite, new_state, state)
+        return jnp.where(finite, lam, jnp.nan).astype(dtype), new_state
 
 
 MoDoWeighting.__init__.__doc__ = """**Arguments:**

@@ -3,12 +3,13 @@ from typing import ClassVar
 import equinox as eqx
 import jax.lax as lax
 import jax.numpy as jnp
-from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
+from jaxtyping import Array, ArrayLike, Bool, Float, Int, PRNGKeyArray
 
 from .._aggregator import AbstractStatefulWeightedAggregator
-from .._checks import check_matrix, check_nonnegative
+from .._checks import check_matrix, check_nonnegative, require_state, WEIGHTING_USAGE
 from .._custom_types import ScalarLike, State
-from .._misc import combine, gramian, solve_dtype
+from .._misc import all_finite, combine, gramian, keep_state_unless, solve_dtype
+from .._scale import jacobian_exponent, NARROW, root_sum_squares, scale_pow2
 from .._weighting import AbstractStatefulWeighting, Reads
 
 
@@ -28,6 +29,9 @@ class _NashMTLState(eqx.Module):
     alpha: Float[Array, " m"]
 
 
+# Jitted (inlined under an outer jit) so that eager calls do not re-trace and
+# re-compile the loop on every call.
+@eqx.filter_jit
 def nash_root(
     gramian: Float[Array, "m m"],
 ) -> tuple[Float[Array, " m"], Bool[Array, ""]]:
@@ -115,9 +119,10 @@ def nash_root(
 
 
 def nash_mtl_update(
-    gramian: Float[Array, "m m"], previous: Float[Array, " m"]
+    gramian: Float[Array, "m m"], previous: Float[Array, " m"], k: ArrayLike = 0
 ) -> Float[Array, " m"]:
-    """The (unclipped) weights of one NashMTL update from `previous`, as TorchJD.
+    """The (unclipped) weights of one NashMTL update from `previous`, as TorchJD, for
+    the Gramian `gramian * 4^k` (whose Nash root is `2^-k` times that of `gramian`).
 
     When TorchJD's linearised subproblem is bounded and all its constraints are active
     at the Nash root (the usual case), its sequential convex procedure, solved exactly,
@@ -128,6 +133,7 @@ def nash_mtl_update(
     subproblem is unbounded (possible when `G previous` has negative entries).
     """
     root, ok = nash_root(gramian)
+    root = scale_pow2(root, -jnp.asarray(k, jnp.int32))
     norm = jnp.linalg.norm(gramian)
     g_hat = gramian / jnp.where(norm > 0, norm, jnp.ones_like(norm))
     tiny = jnp.asarray(1e-10, previous.dtype)
@@ -154,16 +160,17 @@ class _NashMTLWeighting(AbstractStatefulWeighting):
                 raise ValueError(f"`{name}` must be a positive integer; got {value!r}.")
         check_nonnegative(self.max_norm, "max_norm")
 
-    def _check(self, jacobian: Float[Array, "m n"]) -> None:
-        check_matrix(jacobian)
+    def _check(self, jacobian: Float[Array, "m n"]) -> Array:
+        jacobian = check_matrix(jacobian)
         if jacobian.shape[0] != self.n_tasks:
             raise ValueError(
                 f"NashMTL was built with `n_tasks={self.n_tasks}` but the Jacobian has "
                 f"{jacobian.shape[0]} rows; use `NashMTL(n_tasks={jacobian.shape[0]})`."
             )
+        return jacobian
 
     def init(self, jacobian: Float[Array, "m n"], /) -> State:
-        self._check(jacobian)
+        jacobian = self._check(jacobian)
         return _NashMTLState(
             step=jnp.array(0, jnp.int32),
             alpha=jnp.ones((self.n_tasks,), solve_dtype(jacobian.dtype)),
@@ -172,12 +179,13 @@ class _NashMTLWeighting(AbstractStatefulWeighting):
     def __call__(
         self,
         jacobian: Float[Array, "m n"],
-        state: State,
+        state: State = None,
         /,
         *,
         key: PRNGKeyArray | None = None,
     ) -> tuple[Float[Array, " m"], State]:
-        self._check(jacobian)
+        require_state(state, "NashMTL", WEIGHTING_USAGE)
+        jacobian = self._check(jacobian)
         dtype = solve_dtype(jacobian.dtype)
         if state.alpha.shape != (self.n_tasks,):
             raise ValueError(
@@ -186,22 +194,32 @@ class _NashMTLWeighting(AbstractStatefulWeighting):
             )
         jacobian = lax.stop_gradient(jacobian)
         previous = lax.stop_gradient(state.alpha).astype(dtype)
-        g = gramian(jacobian.astype(dtype))
+        # The Gramian of J / 2^k (k = 0 for ordinary Jacobians), whose root is 2^k
+        # times that of J J^T: no overflow or underflow at any scale.
+        work = jacobian.astype(dtype)
+        k = jacobian_exponent([work], NARROW)
+        g = gramian(scale_pow2(work, -k))
+
+        def update(g, previous):
+            return nash_mtl_update(g, previous, k)
+
         if self.update_weights_every == 1:
-            alpha = nash_mtl_update(g, previous)
+            alpha = update(g, previous)
         else:
             alpha = lax.cond(
                 state.step % self.update_weights_every == 0,
-                nash_mtl_update,
+                update,
                 lambda _, prev: prev,
                 g,
                 previous,
             )
         new_state = _NashMTLState(step=state.step + 1, alpha=alpha)
+        # A non-finite Jacobian is not a step: the state stays as it was.
+        new_state = keep_state_unless(all_finite(jacobian), new_state, state)
 
         weights = alpha.astype(jacobian.dtype)
         max_norm = jnp.asarray(self.max_norm, jacobian.dtype)
-        norm = jnp.linalg.norm(combine(weights, jacobian))
+        norm = root_sum_squares(combine(weights, jacobian))
         clip = (max_norm > 0) & (norm > max_norm)
         safe = jnp.where(clip, norm, jnp.ones_like(norm))
         weights = jnp.where(clip, (weights / safe) * max_norm, weights)
@@ -249,15 +267,18 @@ class NashMTL(AbstractStatefulWeightedAggregator):
     $J^\top v = 0$, e.g. `[[0, 0], [0, 1]]` or opposite rows), TorchJD's solver fails
     and it keeps the previous weights (ones at first); eqxjd does the same, without a
     hang. A zero or non-finite Jacobian, where TorchJD raises, also keeps the previous
-    weights (so $d = 0$ for a zero Jacobian; NaN only in NaN columns) and leaves the
-    state unpoisoned. With `m = 1` (TorchJD raises), $\alpha = 1$ meets TorchJD's
-    stopping rule and is kept, so $d = g$ clipped to `max_norm`.
+    weights (so $d = 0$ for a zero Jacobian; NaN only in NaN columns); a non-finite
+    one leaves the state exactly as it was (step counter included). With `m = 1`
+    (TorchJD raises), $\alpha = 1$ meets TorchJD's stopping rule and is kept, so
+    $d = g$ clipped to `max_norm`.
 
     **Differences with TorchJD.** TorchJD's conic solver is inexact on badly scaled or
     ill-conditioned inputs: its weights agree with the exact solution to about `1e-7`
     for Jacobian entries of order $10^{-2}$ to $10^{2}$, to `1e-3` up to $10^{4}$, and
     fall back to ones below about $10^{-4}$; on ill-conditioned Gramians it may stop
-    at an inaccurate point. eqxjd always returns the exact, scale-equivariant solution.
+    at an inaccurate point. eqxjd always returns the exact, scale-equivariant solution,
+    at every scale (the Gramian is formed from $J$ rescaled by a power of 2, and the
+    root scaled back).
     Two rarer behaviours of TorchJD's linearised procedure are not reproduced: when
     its first subproblem is unbounded (possible when $G\alpha_{prev}$ has negative
     entries, e.g. after an abrupt change of $J$) TorchJD keeps the previous weights,

@@ -7,9 +7,27 @@ import numpy as np
 from jaxtyping import Array, ArrayLike, Float, Int, PRNGKeyArray
 
 from .._aggregator import AbstractStatefulWeightedAggregator
-from .._checks import check_gramian, check_range, check_scalar, check_state_shape
+from .._checks import (
+    check_gramian,
+    check_range,
+    check_scalar,
+    check_state_shape,
+    require_state,
+    WEIGHTING_USAGE,
+)
 from .._custom_types import ScalarLike, State
-from .._misc import all_finite, solve_dtype
+from .._misc import all_finite, keep_state_unless, solve_dtype
+from .._scale import (
+    exponent_of_pair,
+    in_window,
+    NARROW,
+    promote_half,
+    scale_pow2,
+    to_window,
+    vector_in_window,
+    wide_window,
+    work_dtype,
+)
 from .._weighting import AbstractStatefulWeighting, Reads
 
 
@@ -17,8 +35,33 @@ _HIGHEST = lax.Precision.HIGHEST
 
 
 class _PCDState(eqx.Module):
+    # The EMA is `sq_norm_ema * 4**exponent`: the exponent is 0 unless the squared
+    # norms leave the range of the dtype.
     sq_norm_ema: Float[Array, " m"]
     n_steps: Int[Array, ""]
+    exponent: Int[Array, ""]
+
+
+def _ema(
+    old: Float[Array, " m"],
+    old_exponent: Int[Array, ""],
+    new: Float[Array, " m"],
+    new_exponent: Int[Array, ""],
+    beta: Float[Array, ""],
+) -> tuple[Float[Array, " m"], Int[Array, ""]]:
+    """`beta * old + (1 - beta) * new` for values given as `x * 4**exponent`, in the
+    same form (exponent 0 whenever representable)."""
+    old_empty = ~jnp.any(old > 0)
+    new_empty = ~jnp.any(new > 0)
+    unit = jnp.where(
+        old_empty,
+        new_exponent,
+        jnp.where(new_empty, old_exponent, jnp.maximum(old_exponent, new_exponent)),
+    )
+    total = beta * scale_pow2(old, 2 * (old_exponent - unit)) + (1 - beta) * scale_pow2(
+        new, 2 * (new_exponent - unit)
+    )
+    return exponent_of_pair(total, unit, wide_window(total.dtype))
 
 
 def _to_tau(value):
@@ -152,7 +195,10 @@ class PCDWeighting(AbstractStatefulWeighting):
     with $\tilde d = \sum_i q_i \tilde g_i$ (`pcd_solve`). $g_1 = 0$ or
     $\tilde d \approx 0$ give $w = 0$; infeasible constraints give $w = e_1$ (the
     output is $g_1$). Computed in float64 (when enabled) whatever the input dtype.
-    Non-finite input gives NaN weights and leaves the state unchanged.
+    Non-finite input gives NaN weights and leaves the state unchanged. Only ratios of
+    the $s_i$ and of the entries of $G$ enter $w$, so with `eps = 0` the weights of
+    $c\,G$ equal those of $G$ for every $c > 0$; the EMA keeps the true squared norms
+    however large or small (with a power-of-4 exponent in the state).
 
     Stateful: the EMA $v \in \mathbb{R}^m$ and the step count. Not differentiable, not
     permutation invariant (by design).
@@ -178,11 +224,12 @@ class PCDWeighting(AbstractStatefulWeighting):
         check_range(self.eps, "eps", 0.0)
 
     def init(self, gramian: Float[Array, "m m"], /) -> State:
-        check_gramian(gramian)
+        gramian = check_gramian(gramian)
         m = gramian.shape[0]
         return _PCDState(
             sq_norm_ema=jnp.zeros((m,), solve_dtype(gramian.dtype)),
             n_steps=jnp.zeros((), jnp.int32),
+            exponent=jnp.zeros((), jnp.int32),
         )
 
     def _taus(self, m: int, dtype) -> Float[Array, " k"]:
@@ -200,12 +247,31 @@ class PCDWeighting(AbstractStatefulWeighting):
     def __call__(
         self,
         gramian: Float[Array, "m m"],
-        state: State,
+        state: State = None,
         /,
         *,
         key: PRNGKeyArray | None = None,
     ) -> tuple[Float[Array, " m"], State]:
-        check_gramian(gramian)
+        require_state(state, "PCDWeighting", WEIGHTING_USAGE)
+        gramian = check_gramian(gramian)
+        work = promote_half(gramian)
+        g, k = to_window(work, wide_window(work.dtype))
+        weights, state = self._scaled_call(g, k, state)
+        return weights.astype(gramian.dtype), state
+
+    def _scaled_call(
+        self,
+        gramian: Float[Array, "m m"],
+        k: Int[Array, ""],
+        state: State = None,
+        /,
+        *,
+        key: PRNGKeyArray | None = None,
+    ) -> tuple[Float[Array, " m"], State]:
+        # The weights for the Gramian `gramian * 4^k` (see `_scale.py`): the EMA keeps
+        # the true squared norms (with an exponent), the weights only need ratios.
+        require_state(state, "PCDWeighting", WEIGHTING_USAGE)
+        gramian = check_gramian(gramian)
         m = gramian.shape[0]
         check_state_shape(state.sq_norm_ema.shape, (m,), "PCD")
         dtype = gramian.dtype
@@ -220,34 +286,43 @@ class PCDWeighting(AbstractStatefulWeighting):
         one = jnp.ones((), sd)
         sq_norms = jnp.diagonal(g)
         n_steps = state.n_steps + 1
-        ema = beta * state.sq_norm_ema.astype(sd) + (one - beta) * sq_norms
+        ema, exponent = _ema(
+            state.sq_norm_ema.astype(sd), state.exponent, sq_norms, k, beta
+        )
         debiased = ema / (one - beta ** n_steps.astype(sd))
-        denominators = jnp.sqrt(debiased + jnp.asarray(self.eps, sd))
+        # s_i = 1 / sqrt(v_i + eps) with v = debiased * 4^exponent, up to the common
+        # factor 2^-exponent, which does not change the weights; eps is capped where
+        # it dominates the EMA by far more than the dtype can resolve.
+        eps = scale_pow2(jnp.asarray(self.eps, sd), -2 * exponent)
+        eps = jnp.minimum(eps, jnp.asarray(jnp.finfo(sd).max / 4, sd))
+        denominators = jnp.sqrt(debiased + eps)
         positive = denominators > 0
         safe_den = jnp.where(positive, denominators, one)
         scales = jnp.where(positive, one / safe_den, jnp.zeros_like(safe_den))
+        scales = vector_in_window(scales, NARROW // 2)
 
-        precision = 10.0 * float(np.finfo(dtype).eps)
-        normalized = g * jnp.outer(scales, scales)
+        precision = 10.0 * float(np.finfo(work_dtype(dtype)).eps)
+        g_unit = in_window(g)
+        normalized = g_unit * jnp.outer(scales, scales)
         safe_normalized = jnp.where(finite, normalized, jnp.eye(m, dtype=sd))
         q = pcd_solve(safe_normalized, taus, dependence_tol=max(1e-9, precision))
         sq = jnp.dot(
             q, jnp.matmul(normalized, q, precision=_HIGHEST), precision=_HIGHEST
         )
         magnitude = jnp.dot(jnp.abs(q), jnp.sqrt(jnp.diagonal(normalized))) ** 2
-        keep = (sq_norms[0] > 0) & (sq > precision * magnitude)
+        keep = (g_unit[0, 0] > 0) & (sq > precision * magnitude)
         safe_sq = jnp.where(keep, sq, one)
-        weights = jnp.where(keep, q * scales * jnp.sqrt(sq_norms[0] / safe_sq), 0)
+        weights = jnp.where(keep, q * scales * jnp.sqrt(g_unit[0, 0] / safe_sq), 0)
         weights = jnp.where(finite, weights, jnp.full_like(weights, jnp.nan)).astype(
             dtype
         )
 
         new_state = _PCDState(
-            sq_norm_ema=jnp.where(finite, ema, state.sq_norm_ema.astype(sd)).astype(
-                state.sq_norm_ema.dtype
-            ),
-            n_steps=jnp.where(finite, n_steps, state.n_steps),
+            sq_norm_ema=ema.astype(state.sq_norm_ema.dtype),
+            n_steps=n_steps,
+            exponent=exponent,
         )
+        new_state = keep_state_unless(finite, new_state, state)
         return lax.stop_gradient(weights), lax.stop_gradient(new_state)
 
 

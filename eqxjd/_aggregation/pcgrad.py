@@ -1,5 +1,6 @@
 from typing import ClassVar
 
+import equinox as eqx
 import jax
 import jax.lax as lax
 import jax.numpy as jnp
@@ -8,6 +9,8 @@ from jaxtyping import Array, Float, Int, PRNGKeyArray
 
 from .._aggregator import AbstractWeightedAggregator
 from .._checks import check_gramian, require_key
+from .._misc import nan_unless_finite
+from .._scale import in_window, promote_half
 from .._weighting import AbstractWeighting, Reads
 
 
@@ -20,6 +23,9 @@ def pcgrad_permutations(key: PRNGKeyArray, m: int) -> Int[Array, "m m"]:
     return jax.vmap(lambda k: jr.permutation(k, m))(keys)
 
 
+# Jitted (inlined under an outer jit) so that eager calls do not re-trace and
+# re-compile the loop on every call.
+@eqx.filter_jit
 def pcgrad_weights(
     gramian: Float[Array, "m m"], permutations: Int[Array, "m m"]
 ) -> Float[Array, " m"]:
@@ -30,16 +36,21 @@ def pcgrad_weights(
     $g_i^{PC}$ is projected against the other rows (entries equal to `i` are skipped).
     With TorchJD's draws (`torch.randperm(m)` once per row, after
     `torch.manual_seed(0)`) it reproduces TorchJD's weights. Not differentiable (the
-    caller stops gradients).
+    caller stops gradients). The weights of $c\,G$ equal those of $G$ for every
+    $c > 0$; non-finite input gives NaN weights.
     """
-    check_gramian(gramian)
+    gramian = check_gramian(gramian)
     m = gramian.shape[0]
+    dtype = gramian.dtype
     if permutations.shape != (m, m):
         raise ValueError(
             f"`permutations` must have shape ({m}, {m}); got {permutations.shape}."
         )
     if m == 0:
-        return jnp.zeros((0,), gramian.dtype)
+        return jnp.zeros((0,), dtype)
+    # Only ratios of entries of G matter: rescale by a power of 4 into a safe range
+    # (the identity for ordinary Gramians); half precision runs in float32.
+    gramian = in_window(promote_half(gramian))
     diag = jnp.diagonal(gramian)
     zero = jnp.zeros((), gramian.dtype)
 
@@ -58,8 +69,9 @@ def pcgrad_weights(
         c = jnp.zeros((m,), gramian.dtype).at[i].set(1)
         return lax.fori_loop(0, m, body, c)
 
-    coefficients = jax.vmap(one_row)(jnp.arange(m), permutations)
-    return jnp.sum(coefficients, axis=0)
+    coefficients = jax.vmap(one_row)(jnp.arange(m), jnp.asarray(permutations))
+    weights = jnp.sum(coefficients, axis=0)
+    return nan_unless_finite(gramian, weights).astype(dtype)
 
 
 class PCGradWeighting(AbstractWeighting):
@@ -73,6 +85,8 @@ class PCGradWeighting(AbstractWeighting):
 
     Not differentiable (gradients through the weights are zero). `key` is required.
     With `m = 2` the result does not depend on the key. `m = 0` gives empty weights.
+    The weights of $c\,G$ equal those of $G$ for every $c > 0$, however large or
+    small; non-finite input gives NaN weights.
 
     Yu et al., *Gradient Surgery for Multi-Task Learning*, NeurIPS 2020,
     [arXiv:2001.06782](https://arxiv.org/abs/2001.06782), Algorithm 1.
@@ -85,7 +99,7 @@ class PCGradWeighting(AbstractWeighting):
     def __call__(
         self, gramian: Float[Array, "m m"], /, *, key: PRNGKeyArray | None = None
     ) -> Float[Array, " m"]:
-        check_gramian(gramian)
+        gramian = check_gramian(gramian)
         key = require_key(key, "PCGrad")
         permutations = pcgrad_permutations(key, gramian.shape[0])
         return lax.stop_gradient(pcgrad_weights(gramian, permutations))

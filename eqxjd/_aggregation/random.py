@@ -7,6 +7,7 @@ from jaxtyping import Array, Float, PRNGKeyArray
 
 from .._aggregator import AbstractWeightedAggregator
 from .._checks import check_matrix, require_key
+from .._scale import work_dtype
 from .._weighting import AbstractWeighting, Reads
 
 
@@ -45,9 +46,11 @@ class RandomWeighting(AbstractWeighting):
     def __call__(
         self, stat: Float[Array, "m k"], /, *, key: PRNGKeyArray | None = None
     ) -> Float[Array, " m"]:
-        check_matrix(stat, "stat")
+        stat = check_matrix(stat, "stat")
         key = require_key(key, "RandomWeighting")
-        return random_weights(random_normals(key, stat.shape[0], stat.dtype))
+        # Half precision runs in float32, draws included.
+        normals = random_normals(key, stat.shape[0], work_dtype(stat.dtype))
+        return random_weights(normals).astype(stat.dtype)
 
 
 RandomWeighting.__init__.__doc__ = """**Arguments:** none."""

@@ -12,9 +12,12 @@ from .._checks import (
     check_range,
     check_scalar,
     check_state_shape,
+    require_state,
+    WEIGHTING_USAGE,
 )
 from .._custom_types import ScalarLike, State
-from .._misc import as_vector, project_onto_simplex
+from .._misc import all_finite, as_vector, keep_state_unless, project_onto_simplex
+from .._scale import in_window, promote_half, wide_window, work_dtype
 from .._weighting import AbstractStatefulWeighting, Reads
 
 
@@ -23,6 +26,29 @@ _HIGHEST = lax.Precision.HIGHEST
 
 class _SDMGradState(eqx.Module):
     weights: Float[Array, " m"]
+
+
+# Jitted (inlined under an outer jit) so that eager calls do not re-trace and
+# re-compile the loop on every call.
+@eqx.filter_jit
+def _projected_sgd(
+    a: Float[Array, "m m"],
+    w: Float[Array, " m"],
+    shift: Float[Array, " m"],
+    lr: Float[Array, ""],
+    momentum: Float[Array, ""],
+    n_iter: int,
+) -> Float[Array, " m"]:
+    """`n_iter` steps of `v <- momentum v + a (w + shift)`, `w <- proj(w - lr v)`."""
+
+    def body(_, carry):
+        w, velocity = carry
+        grad = jnp.matmul(a, w + shift, precision=_HIGHEST)
+        velocity = momentum * velocity + grad
+        return project_onto_simplex(w - lr * velocity), velocity
+
+    w, _ = lax.fori_loop(0, n_iter, body, (w, jnp.zeros_like(w)))
+    return w
 
 
 class SDMGradWeighting(AbstractStatefulWeighting):
@@ -40,7 +66,8 @@ class SDMGradWeighting(AbstractStatefulWeighting):
 
     stores $w$ and returns $(w + \lambda\tilde w)/(1 + \lambda)$. Typical step (three
     batches): `weights, state = sdmgrad(J1 @ J2.T, state)`, then `weights @ J3`.
-    Stateful ($w$), not differentiable, no aggregator class (as TorchJD).
+    Stateful ($w$), not differentiable, no aggregator class (as TorchJD). Non-finite
+    input gives NaN weights and leaves the state unchanged.
 
     Xiao et al., *Direction-oriented Multi-objective Learning: Simple and Provable
     Stochastic Algorithms*, NeurIPS 2023,
@@ -71,22 +98,28 @@ class SDMGradWeighting(AbstractStatefulWeighting):
             )
 
     def init(self, matrix: Float[Array, "m m"], /) -> State:
-        check_gramian(matrix)
+        matrix = check_gramian(matrix)
         m = matrix.shape[0]
-        return _SDMGradState(jnp.full((m,), 1 / max(m, 1), matrix.dtype))
+        return _SDMGradState(jnp.full((m,), 1 / max(m, 1), work_dtype(matrix.dtype)))
 
     def __call__(
         self,
         matrix: Float[Array, "m m"],
-        state: State,
+        state: State = None,
         /,
         *,
         key: PRNGKeyArray | None = None,
     ) -> tuple[Float[Array, " m"], State]:
-        check_gramian(matrix)
+        require_state(state, "SDMGradWeighting", WEIGHTING_USAGE)
+        matrix = check_gramian(matrix)
         m = matrix.shape[0]
         check_state_shape(state.weights.shape, (m,), "SDMGrad")
-        dtype = matrix.dtype
+        out_dtype = matrix.dtype
+        # Rescaled (by a power of 4) only if its entries are too large or too small
+        # for sums of them: A / (sigma^2 + 1e-8) is then the same up to rounding.
+        work = promote_half(matrix)
+        work = in_window(work, wide_window(work.dtype))
+        dtype = work.dtype
         if self.pref_vector is None:
             w_tilde = jnp.full((m,), 1 / max(m, 1), dtype)
         else:
@@ -95,21 +128,18 @@ class SDMGradWeighting(AbstractStatefulWeighting):
         lam = jnp.asarray(self.lambda_, dtype)
         lr = jnp.asarray(self.lr, dtype)
         momentum = jnp.asarray(self.momentum, dtype)
-        diag = jnp.maximum(jnp.diagonal(matrix), 0)
+        diag = jnp.maximum(jnp.diagonal(work), 0)
         scale = jnp.mean(jnp.sqrt(diag)) if m > 0 else jnp.zeros((), dtype)
-        a = matrix / (scale**2 + 1e-8)
-
-        def body(_, carry):
-            w, velocity = carry
-            grad = jnp.matmul(a, w + lam * w_tilde, precision=_HIGHEST)
-            velocity = momentum * velocity + grad
-            return project_onto_simplex(w - lr * velocity), velocity
+        a = work / (scale**2 + 1e-8)
 
         w0 = state.weights.astype(dtype)
-        w, _ = lax.fori_loop(0, self.n_iter, body, (w0, jnp.zeros_like(w0)))
+        w = _projected_sgd(a, w0, lam * w_tilde, lr, momentum, self.n_iter)
         w = lax.stop_gradient(w)
         out = lax.stop_gradient((w + lam * w_tilde) / (1 + lam))
-        return out, _SDMGradState(w.astype(state.weights.dtype))
+        finite = all_finite(work)
+        new_state = _SDMGradState(w.astype(state.weights.dtype))
+        new_state = keep_state_unless(finite, new_state, state)
+        return jnp.where(finite, out, jnp.nan).astype(out_dtype), new_state
 
 
 SDMGradWeighting.__init__.__doc__ = """**Arguments:**

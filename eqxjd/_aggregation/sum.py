@@ -17,7 +17,7 @@ class SumWeighting(AbstractWeighting):
     def __call__(
         self, stat: Float[Array, "m k"], /, *, key: PRNGKeyArray | None = None
     ) -> Float[Array, " m"]:
-        check_matrix(stat, "stat")
+        stat = check_matrix(stat, "stat")
         return jnp.ones((stat.shape[0],), dtype=stat.dtype)
 
 

@@ -4,6 +4,7 @@ from jaxtyping import Array, Float, PRNGKeyArray
 
 from .._aggregator import AbstractAggregator
 from .._checks import check_matrix
+from .._scale import promote_half
 
 
 class TrimmedMean(AbstractAggregator):
@@ -13,6 +14,10 @@ class TrimmedMean(AbstractAggregator):
     entries are dropped, and the remaining $m - 2t$ entries are averaged. Robust to up
     to $t$ adversarial rows. Differentiable (almost everywhere). There are no weights,
     so this is a plain aggregator.
+
+    Non-finite entries are sorted like any other: NaN after $+\infty$, as in TorchJD.
+    So up to $t$ NaN (or infinite) entries of a column are trimmed away and do not
+    reach the output; more give NaN (or $\pm\infty$) in that coordinate only.
 
     Yin et al., *Byzantine-Robust Distributed Learning: Towards Optimal Statistical
     Rates*, ICML 2018, [arXiv:1803.01498](https://arxiv.org/abs/1803.01498).
@@ -29,7 +34,7 @@ class TrimmedMean(AbstractAggregator):
     def __call__(
         self, jacobian: Float[Array, "m n"], /, *, key: PRNGKeyArray | None = None
     ) -> Float[Array, " n"]:
-        check_matrix(jacobian)
+        jacobian = check_matrix(jacobian)
         m = jacobian.shape[0]
         min_rows = 2 * self.trim_number + 1
         if m < min_rows:
@@ -37,9 +42,9 @@ class TrimmedMean(AbstractAggregator):
                 f"TrimmedMean needs a Jacobian of at least {min_rows} rows "
                 f"(2 * trim_number + 1); got shape {jacobian.shape}."
             )
-        ordered = jnp.sort(jacobian, axis=0)
+        ordered = jnp.sort(promote_half(jacobian), axis=0)
         kept = ordered[self.trim_number : m - self.trim_number]
-        return jnp.mean(kept, axis=0)
+        return jnp.mean(kept, axis=0).astype(jacobian.dtype)
 
 
 TrimmedMean.__init__.__doc__ = """**Arguments:**

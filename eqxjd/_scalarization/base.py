@@ -1,5 +1,6 @@
 import abc
 from collections.abc import Sequence
+from typing import Any
 
 import equinox as eqx
 import jax.lax as lax
@@ -23,7 +24,12 @@ class AbstractScalarizer(eqx.Module):
     - The losses are positional-only and may have any shape (usually `(m,)`); methods
       with per-loss arrays (weights, reference points, learnable parameters) require
       exactly that shape, checked at trace time (`ValueError`).
-    - The output is a scalar with the dtype of the losses (float32 in, float32 out).
+    - The output is a scalar with the dtype of the losses (float32 in, float32 out);
+      half-precision losses are computed in float32 and the result cast back. NumPy
+      arrays and lists are accepted; complex or integer losses raise `ValueError`.
+    - Empty losses (`m = 0`) give `0`, the value of an empty sum, except
+      [`eqxjd.scalarization.Mean`][], which gives NaN as in TorchJD. NaN or infinite
+      losses propagate to the output by IEEE arithmetic.
     - Randomness comes only from the keyword-only `key`; deterministic scalarizers
       ignore it, random ones raise `ValueError` when it is missing.
     - Hyperparameter arrays (`weights`, `reference`, ...) are constants: gradients
@@ -130,6 +136,13 @@ def check_weights_and_reference(
             )
 
 
+def as_losses(losses: Any) -> Float[Array, "*shape"]:
+    """The losses as a JAX array (NumPy arrays and lists are accepted), after checking
+    that they are real floating numbers."""
+    check_floating(losses, "losses")
+    return jnp.asarray(losses)
+
+
 def shifted_losses(
     losses: Float[Array, "*shape"],
     weights: Shaped[Array, "..."] | None,
@@ -137,7 +150,7 @@ def shifted_losses(
 ) -> Float[Array, "*shape"]:
     """Checks `losses` against `weights` / `reference` and returns $L - z^*$ (or $L$
     without a reference)."""
-    check_floating(losses, "losses")
+    losses = as_losses(losses)
     check_same_shape(weights, losses, "weights")
     check_same_shape(reference, losses, "reference")
     if reference is None:
@@ -150,6 +163,11 @@ def as_float_array(value: ArrayLike | None) -> Float[Array, "..."] | None:
     if value is None:
         return None
     array = jnp.asarray(value)
+    if jnp.issubdtype(array.dtype, jnp.complexfloating):
+        raise ValueError(
+            "Per-loss arrays (weights, reference points, lower bounds) must be real; "
+            "got a complex array. Pass its real part, e.g. `jnp.real(x)`."
+        )
     if not jnp.issubdtype(array.dtype, jnp.inexact):
         array = array.astype(jnp.result_type(float))
     return array

@@ -2,8 +2,14 @@ import equinox as eqx
 import jax.numpy as jnp
 from jaxtyping import Array, Float, PRNGKeyArray
 
-from .._checks import check_floating
-from .base import AbstractScalarizer, as_float_array, check_same_shape, constant
+from .._scale import promote_half
+from .base import (
+    AbstractScalarizer,
+    as_float_array,
+    as_losses,
+    check_same_shape,
+    constant,
+)
 
 
 class Constant(AbstractScalarizer):
@@ -19,9 +25,11 @@ class Constant(AbstractScalarizer):
     def __call__(
         self, losses: Float[Array, "*shape"], /, *, key: PRNGKeyArray | None = None
     ) -> Float[Array, ""]:
-        check_floating(losses, "losses")
+        losses = as_losses(losses)
         check_same_shape(self.weights, losses, "weights")
-        return jnp.sum(constant(self.weights, losses.dtype) * losses)
+        work = promote_half(losses)
+        out = jnp.sum(constant(self.weights, work.dtype) * work)
+        return out.astype(losses.dtype)
 
 
 Constant.__init__.__doc__ = """**Arguments:**

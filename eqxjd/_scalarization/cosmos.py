@@ -2,9 +2,16 @@ import equinox as eqx
 import jax.numpy as jnp
 from jaxtyping import Array, Float, PRNGKeyArray
 
-from .._checks import check_floating, check_nonnegative
+from .._checks import check_nonnegative
 from .._custom_types import ScalarLike
-from .base import AbstractScalarizer, as_float_array, check_same_shape, constant
+from .._scale import promote_half, root_sum_squares
+from .base import (
+    AbstractScalarizer,
+    as_float_array,
+    as_losses,
+    check_same_shape,
+    constant,
+)
 
 
 _COSINE_EPS = 1e-8
@@ -38,15 +45,18 @@ class COSMOS(AbstractScalarizer):
     def __call__(
         self, losses: Float[Array, "*shape"], /, *, key: PRNGKeyArray | None = None
     ) -> Float[Array, ""]:
-        check_floating(losses, "losses")
+        losses = as_losses(losses)
         check_same_shape(self.weights, losses, "weights")
+        dtype = losses.dtype
+        losses = promote_half(losses)
         r = constant(self.weights, losses.dtype).reshape(-1)
         flat = losses.reshape(-1)
         eps = jnp.asarray(_COSINE_EPS, losses.dtype)
-        r_unit = r / jnp.maximum(jnp.sqrt(jnp.sum(r * r)), eps)
-        l_unit = flat / jnp.maximum(jnp.sqrt(jnp.sum(flat * flat)), eps)
+        r_unit = r / jnp.maximum(root_sum_squares(r), eps)
+        l_unit = flat / jnp.maximum(root_sum_squares(flat), eps)
         cosine = jnp.sum(r_unit * l_unit)
-        return jnp.sum(r * flat) - constant(self.lambda_, losses.dtype) * cosine
+        out = jnp.sum(r * flat) - constant(self.lambda_, losses.dtype) * cosine
+        return out.astype(dtype)
 
 
 COSMOS.__init__.__doc__ = """**Arguments:**

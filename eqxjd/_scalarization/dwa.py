@@ -4,9 +4,11 @@ import jax.nn as jnn
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int, PRNGKeyArray
 
-from .._checks import check_floating, check_positive
+from .._checks import check_positive, require_state, SCALARIZER_USAGE
 from .._custom_types import ScalarLike, State
-from .base import AbstractStatefulScalarizer, constant
+from .._misc import all_finite, keep_state_unless
+from .._scale import promote_half, work_dtype
+from .base import AbstractStatefulScalarizer, as_losses, constant
 
 
 class _DWAState(eqx.Module):
@@ -63,8 +65,9 @@ class DWA(AbstractStatefulScalarizer):
         ```
 
     All three functions are pure and jit-compatible; the state's structure never
-    changes. `step` is a no-op when no batch was recorded since the last `step`.
-    Resetting is calling `init` again.
+    changes. `step` is a no-op when no batch was recorded since the last `step`, and
+    `update` with a NaN or infinite loss returns the state unchanged (the batch is not
+    recorded). Resetting is calling `init` again.
     """
 
     temperature: ScalarLike = 2.0
@@ -81,8 +84,8 @@ class DWA(AbstractStatefulScalarizer):
 
         The initial state: no batch recorded, no epoch average.
         """
-        check_floating(losses, "losses")
-        zero = jnp.zeros(losses.shape, losses.dtype)
+        losses = as_losses(losses)
+        zero = jnp.zeros(losses.shape, work_dtype(losses.dtype))
         return _DWAState(
             loss_sum=zero,
             num_batches=jnp.array(0, jnp.int32),
@@ -103,7 +106,12 @@ class DWA(AbstractStatefulScalarizer):
         The weights $\lambda$ (shape of `losses`): $1$ before two epoch averages exist,
         else $K \operatorname{softmax}(r / T)$.
         """
-        check_floating(losses, "losses")
+        losses = as_losses(losses)
+        return self._weights(promote_half(losses), state).astype(losses.dtype)
+
+    def _weights(
+        self, losses: Float[Array, "*shape"], state: State
+    ) -> Float[Array, "*shape"]:
         _check_state(state, losses)
         dtype = losses.dtype
         older = state.averages[0].astype(dtype)
@@ -119,7 +127,7 @@ class DWA(AbstractStatefulScalarizer):
     def __call__(
         self,
         losses: Float[Array, "*shape"],
-        state: State,
+        state: State = None,
         /,
         *,
         key: PRNGKeyArray | None = None,
@@ -134,7 +142,10 @@ class DWA(AbstractStatefulScalarizer):
 
         The scalarized loss $\\sum_k \\lambda_k L_k$, a scalar.
         """
-        return jnp.sum(self.weights(losses, state) * losses)
+        require_state(state, "DWA", SCALARIZER_USAGE)
+        losses = as_losses(losses)
+        work = promote_half(losses)
+        return jnp.sum(self._weights(work, state) * work).astype(losses.dtype)
 
     def update(self, state: State, losses: Float[Array, "*shape"], /) -> State:
         """Records one batch's losses in the current epoch's sum (their gradient is
@@ -149,15 +160,17 @@ class DWA(AbstractStatefulScalarizer):
 
         The new state.
         """
-        check_floating(losses, "losses")
+        losses = as_losses(losses)
         _check_state(state, losses)
         batch = lax.stop_gradient(losses).astype(state.loss_sum.dtype)
-        return _DWAState(
+        new_state = _DWAState(
             loss_sum=state.loss_sum + batch,
             num_batches=state.num_batches + 1,
             averages=state.averages,
             num_averages=state.num_averages,
         )
+        # A batch with a non-finite loss is not recorded.
+        return keep_state_unless(all_finite(batch), new_state, state)
 
     def step(self, state: State, /) -> State:
         """Closes the epoch: its average loss becomes the newest of the two kept

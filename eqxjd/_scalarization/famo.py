@@ -8,9 +8,17 @@ import jax.nn as jnn
 import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, Float, Int, PRNGKeyArray
 
-from .._checks import check_floating, check_nonnegative
+from .._checks import check_nonnegative, require_state, SCALARIZER_USAGE
 from .._custom_types import ScalarLike, State
-from .base import AbstractStatefulScalarizer, as_float_array, as_shape, constant
+from .._misc import all_finite, keep_state_unless
+from .._scale import promote_half, work_dtype
+from .base import (
+    AbstractStatefulScalarizer,
+    as_float_array,
+    as_losses,
+    as_shape,
+    constant,
+)
 
 
 _EPSILON = 1e-8
@@ -126,13 +134,14 @@ class FAMO(AbstractStatefulScalarizer):
         check_nonnegative(self.lr, "lr")
         check_nonnegative(self.weight_decay, "weight_decay")
 
-    def _check(self, losses: Array, name: str = "losses") -> None:
-        check_floating(losses, "losses")
+    def _check(self, losses: Array, name: str = "losses") -> Array:
+        losses = as_losses(losses)
         if losses.shape != self.shape:
             raise ValueError(
                 f"`{name}` must have shape {self.shape} (the `shape` given to FAMO); "
                 f"got {losses.shape}."
             )
+        return losses
 
     def _check_state(self, state: State) -> None:
         if state.logits.shape != self.shape:
@@ -151,8 +160,8 @@ class FAMO(AbstractStatefulScalarizer):
 
         The initial state: zero logits (uniform weights) and a fresh Adam.
         """
-        self._check(losses)
-        zero = jnp.zeros(self.shape, losses.dtype)
+        losses = self._check(losses)
+        zero = jnp.zeros(self.shape, work_dtype(losses.dtype))
         return _FAMOState(
             logits=zero,
             exp_avg=zero,
@@ -175,7 +184,7 @@ class FAMO(AbstractStatefulScalarizer):
     def __call__(
         self,
         losses: Float[Array, "*shape"],
-        state: State,
+        state: State = None,
         /,
         *,
         key: PRNGKeyArray | None = None,
@@ -190,14 +199,14 @@ class FAMO(AbstractStatefulScalarizer):
 
         The scalarized loss, a scalar with the dtype of `losses`.
         """
-        self._check(losses)
-        dtype = losses.dtype
+        require_state(state, "FAMO", SCALARIZER_USAGE)
+        losses = self._check(losses)
+        work = promote_half(losses)
+        dtype = work.dtype
         z = lax.stop_gradient(self.weights(state).astype(dtype))
-        shifted = (
-            losses - constant(self.min_losses, dtype) + jnp.asarray(_EPSILON, dtype)
-        )
+        shifted = work - constant(self.min_losses, dtype) + jnp.asarray(_EPSILON, dtype)
         normalizer = lax.stop_gradient(jnp.sum(z / shifted))
-        return jnp.sum((z / normalizer) * jnp.log(shifted))
+        return jnp.sum((z / normalizer) * jnp.log(shifted)).astype(losses.dtype)
 
     def update(
         self,
@@ -217,10 +226,11 @@ class FAMO(AbstractStatefulScalarizer):
 
         **Returns:**
 
-        The new state.
+        The new state (unchanged if a loss is NaN or infinite, or not above its
+        bound).
         """
-        self._check(losses)
-        self._check(new_losses, "new_losses")
+        losses = self._check(losses)
+        new_losses = self._check(new_losses, "new_losses")
         self._check_state(state)
         dtype = state.logits.dtype
         b = constant(self.min_losses, dtype)
@@ -248,6 +258,9 @@ class FAMO(AbstractStatefulScalarizer):
             _ADAM_EPS, dtype
         )
         logits = state.logits - step_size * exp_avg / denom
-        return _FAMOState(
+        new_state = _FAMOState(
             logits=logits, exp_avg=exp_avg, exp_avg_sq=exp_avg_sq, count=count
         )
+        # Non-finite losses (or a log of a loss at or below its bound) are not learned
+        # from: the state is returned unchanged.
+        return keep_state_unless(all_finite(delta), new_state, state)

@@ -3,8 +3,8 @@ from collections.abc import Sequence
 import jax.numpy as jnp
 from jaxtyping import Array, Float, PRNGKeyArray
 
-from .._checks import check_floating
-from .base import AbstractScalarizer, as_shape, check_same_shape
+from .._scale import promote_half
+from .base import AbstractScalarizer, as_losses, as_shape, check_same_shape
 
 
 class IMTLL(AbstractScalarizer):
@@ -50,7 +50,8 @@ class IMTLL(AbstractScalarizer):
     def __call__(
         self, losses: Float[Array, "*shape"], /, *, key: PRNGKeyArray | None = None
     ) -> Float[Array, ""]:
-        check_floating(losses, "losses")
+        losses = as_losses(losses)
         check_same_shape(self.log_scale, losses, "log_scale")
-        s = self.log_scale.astype(losses.dtype)
-        return jnp.sum(jnp.exp(s) * losses - s)
+        work = promote_half(losses)
+        s = self.log_scale.astype(work.dtype)
+        return jnp.sum(jnp.exp(s) * work - s).astype(losses.dtype)

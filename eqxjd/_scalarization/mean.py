@@ -1,8 +1,8 @@
 import jax.numpy as jnp
 from jaxtyping import Array, Float, PRNGKeyArray
 
-from .._checks import check_floating
-from .base import AbstractScalarizer
+from .._scale import promote_half
+from .base import AbstractScalarizer, as_losses
 
 
 class Mean(AbstractScalarizer):
@@ -14,8 +14,8 @@ class Mean(AbstractScalarizer):
     def __call__(
         self, losses: Float[Array, "*shape"], /, *, key: PRNGKeyArray | None = None
     ) -> Float[Array, ""]:
-        check_floating(losses, "losses")
-        return jnp.mean(losses)
+        losses = as_losses(losses)
+        return jnp.mean(promote_half(losses)).astype(losses.dtype)
 
 
 Mean.__init__.__doc__ = """**Arguments:** none."""

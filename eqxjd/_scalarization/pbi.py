@@ -4,6 +4,7 @@ from jaxtyping import Array, Float, PRNGKeyArray
 
 from .._checks import check_nonnegative
 from .._custom_types import ScalarLike
+from .._scale import promote_half, root_sum_squares
 from .base import (
     AbstractScalarizer,
     as_float_array,
@@ -45,15 +46,19 @@ class PBI(AbstractScalarizer):
     def __call__(
         self, losses: Float[Array, "*shape"], /, *, key: PRNGKeyArray | None = None
     ) -> Float[Array, ""]:
-        dtype = losses.dtype
-        f = shifted_losses(losses, self.weights, self.reference).reshape(-1)
-        direction = constant(self.weights, dtype).reshape(-1)
-        direction = direction / jnp.sqrt(jnp.sum(direction * direction))
+        f = shifted_losses(losses, self.weights, self.reference)
+        dtype = f.dtype
+        if f.size == 0:
+            return jnp.zeros((), dtype)
+        f = promote_half(f).reshape(-1)
+        work = f.dtype
+        direction = constant(self.weights, work).reshape(-1)
+        direction = direction / root_sum_squares(direction)
         d1 = jnp.sum(f * direction)
         perpendicular = f - d1 * direction
-        eps = jnp.asarray(_EPSILON, dtype)
-        d2 = jnp.sqrt(jnp.sum(perpendicular * perpendicular) + eps)
-        return d1 + constant(self.theta, dtype) * d2
+        eps = jnp.asarray(_EPSILON, work)
+        d2 = root_sum_squares(perpendicular, eps)
+        return (d1 + constant(self.theta, work) * d2).astype(dtype)
 
 
 PBI.__init__.__doc__ = """**Arguments:**

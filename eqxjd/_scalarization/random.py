@@ -4,8 +4,8 @@ import jax.numpy as jnp
 import jax.random as jr
 from jaxtyping import Array, Float, PRNGKeyArray
 
-from .._checks import check_floating
-from .base import AbstractScalarizer
+from .._scale import promote_half, work_dtype
+from .base import AbstractScalarizer, as_losses
 
 
 def scalarize_with_normals(
@@ -13,14 +13,15 @@ def scalarize_with_normals(
 ) -> Float[Array, ""]:
     """The deterministic core of [`eqxjd.scalarization.Random`][]: the draws
     $z \\sim \\mathcal N(0, I)$ (one per entry of `losses`, flattened) are injected."""
-    check_floating(losses, "losses")
+    losses = as_losses(losses)
     if normals.shape != (losses.size,):
         raise ValueError(
             f"`normals` must have shape ({losses.size},) (one draw per loss); "
             f"got {normals.shape}."
         )
-    weights = jnn.softmax(normals.astype(losses.dtype)).reshape(losses.shape)
-    return jnp.sum(lax.stop_gradient(weights) * losses)
+    work = promote_half(losses)
+    weights = jnn.softmax(jnp.asarray(normals).astype(work.dtype)).reshape(work.shape)
+    return jnp.sum(lax.stop_gradient(weights) * work).astype(losses.dtype)
 
 
 class Random(AbstractScalarizer):
@@ -46,13 +47,14 @@ class Random(AbstractScalarizer):
     def __call__(
         self, losses: Float[Array, "*shape"], /, *, key: PRNGKeyArray | None = None
     ) -> Float[Array, ""]:
-        check_floating(losses, "losses")
+        losses = as_losses(losses)
         if key is None:
             raise ValueError(
                 "`Random` draws random weights: pass a key, e.g. "
                 "`scalarizer(losses, key=jax.random.key(0))`."
             )
-        normals = jr.normal(key, (losses.size,), losses.dtype)
+        # Half precision runs in float32, draws included.
+        normals = jr.normal(key, (losses.size,), work_dtype(losses.dtype))
         return scalarize_with_normals(losses, normals)
 
 

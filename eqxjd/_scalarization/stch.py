@@ -1,10 +1,12 @@
 import equinox as eqx
+import jax
 import jax.lax as lax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, PRNGKeyArray
 
 from .._checks import check_positive
 from .._custom_types import ScalarLike
+from .._scale import promote_half
 from .base import (
     AbstractScalarizer,
     as_float_array,
@@ -12,6 +14,18 @@ from .base import (
     constant,
     shifted_losses,
 )
+
+
+@jax.custom_jvp
+def _deviation(y: Float[Array, " m"]) -> Float[Array, " m"]:
+    """`y - y`: zero, with the derivative of `y` (first and higher order)."""
+    return jnp.zeros_like(y)
+
+
+@_deviation.defjvp
+def _deviation_jvp(primals, tangents):
+    (y,), (dy,) = primals, tangents
+    return _deviation(y), dy
 
 
 class STCH(AbstractScalarizer):
@@ -44,9 +58,13 @@ class STCH(AbstractScalarizer):
         self, losses: Float[Array, "*shape"], /, *, key: PRNGKeyArray | None = None
     ) -> Float[Array, ""]:
         shifted = shifted_losses(losses, self.weights, self.reference)
-        dtype = losses.dtype
+        out_dtype = shifted.dtype
+        if shifted.size == 0:
+            return jnp.zeros((), out_dtype)
+        shifted = promote_half(shifted)
+        dtype = shifted.dtype
         if self.weights is None:
-            weights = jnp.full(losses.shape, 1 / max(losses.size, 1), dtype)
+            weights = jnp.full(shifted.shape, 1 / max(shifted.size, 1), dtype)
         else:
             weights = constant(self.weights, dtype)
         y = (weights * shifted).reshape(-1)
@@ -54,8 +72,13 @@ class STCH(AbstractScalarizer):
         # The shift by max(y) is value-preserving (paper, Appendix B.1); stopping its
         # gradient makes the derivative exactly softmax(y / mu) * weights, even at ties.
         max_y = lax.stop_gradient(jnp.max(y))
-        exponents = (y - max_y) / mu
-        return mu * jnp.log(jnp.sum(jnp.exp(exponents))) + max_y
+        # The largest entries get exactly 0 (with the derivative of (y - max_y) / mu):
+        # under jit XLA may fuse the product that made y into `y - max_y` (a fused
+        # multiply-add, without the rounding of y), and rounding noise / mu would
+        # overflow or underflow exp for large losses. The other entries stay < 0.
+        exponents = jnp.where(y == max_y, _deviation(y) / mu, (y - max_y) / mu)
+        out = mu * jnp.log(jnp.sum(jnp.exp(exponents))) + max_y
+        return out.astype(out_dtype)
 
 
 STCH.__init__.__doc__ = """**Arguments:**

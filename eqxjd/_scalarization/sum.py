@@ -1,8 +1,8 @@
 import jax.numpy as jnp
 from jaxtyping import Array, Float, PRNGKeyArray
 
-from .._checks import check_floating
-from .base import AbstractScalarizer
+from .._scale import promote_half
+from .base import AbstractScalarizer, as_losses
 
 
 class Sum(AbstractScalarizer):
@@ -11,8 +11,8 @@ class Sum(AbstractScalarizer):
     def __call__(
         self, losses: Float[Array, "*shape"], /, *, key: PRNGKeyArray | None = None
     ) -> Float[Array, ""]:
-        check_floating(losses, "losses")
-        return jnp.sum(losses)
+        losses = as_losses(losses)
+        return jnp.sum(promote_half(losses)).astype(losses.dtype)
 
 
 Sum.__init__.__doc__ = """**Arguments:** none."""

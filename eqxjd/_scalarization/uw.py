@@ -3,8 +3,8 @@ from collections.abc import Sequence
 import jax.numpy as jnp
 from jaxtyping import Array, Float, PRNGKeyArray
 
-from .._checks import check_floating
-from .base import AbstractScalarizer, as_shape, check_same_shape
+from .._scale import promote_half
+from .base import AbstractScalarizer, as_losses, as_shape, check_same_shape
 
 
 class UW(AbstractScalarizer):
@@ -67,8 +67,10 @@ class UW(AbstractScalarizer):
     def __call__(
         self, losses: Float[Array, "*shape"], /, *, key: PRNGKeyArray | None = None
     ) -> Float[Array, ""]:
-        check_floating(losses, "losses")
+        losses = as_losses(losses)
         check_same_shape(self.log_var, losses, "log_var")
-        s = self.log_var.astype(losses.dtype)
-        half = jnp.asarray(0.5, losses.dtype)
-        return jnp.sum(half * jnp.exp(-s) * losses + half * s)
+        work = promote_half(losses)
+        s = self.log_var.astype(work.dtype)
+        half = jnp.asarray(0.5, work.dtype)
+        out = jnp.sum(half * jnp.exp(-s) * work + half * s)
+        return out.astype(losses.dtype)
