@@ -3,6 +3,7 @@ import jax.lax as lax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float
 
+from . import _linalg as linalg
 from ._custom_types import ScalarLike
 from ._misc import all_finite, normalize, regularize, solve_dtype
 from ._results import RESULTS
@@ -83,7 +84,7 @@ def _refine_on_free_set(
     system = jnp.where(both_free, gramian[None], eye[None])
     active_part = jnp.where(free, 0.0, lower)
     rhs = jnp.where(free, -(active_part @ gramian), active_part)
-    return jnp.linalg.solve(system, rhs[..., None])[..., 0]
+    return linalg.solve(system, rhs[..., None])[..., 0]
 
 
 def project_onto_dual_cone(

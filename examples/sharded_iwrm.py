@@ -2,11 +2,11 @@
 
 The batch is split over the devices of a mesh axis: the step of
 `examples/iwrm_gramian.py` with `strategy=eqxjd.DataParallel(mesh, "data")` computes
-each device's per-sample Jacobians, forms the Gramian blocks by passing them around a
-ring of devices, all-gathers the `(B, B)` Gramian, computes the weights from the
-replicated Gramian and sums the devices' VJPs. The full `(B, n)` Jacobian exists
-nowhere. The same step on one device (`strategy=eqxjd.PerSampleGramian()`) gives the
-same numbers.
+each device's per-sample Jacobians, redistributes them once (an all-to-all: every
+device gets all the rows of its share of the columns), sums the devices' partial
+Gramians into the replicated `(B, B)` Gramian, splits UPGrad's lane QPs over the
+devices and sums the devices' VJPs. The full `(B, n)` Jacobian exists nowhere. The
+same step on one device (`strategy=eqxjd.PerSampleGramian()`) gives the same numbers.
 
 Run as a script, it asks XLA for 8 CPU devices (set before JAX starts); imported into a
 process where JAX already runs, it uses the devices it finds.

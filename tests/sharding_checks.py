@@ -35,7 +35,19 @@ import jax.numpy as jnp
 import jax.random as jr
 import jax.tree_util as jtu
 import numpy as np
+from jax._src.dispatch import BACKEND_COMPILE_EVENT
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+
+
+_COMPILES = [0]
+
+
+def _count_compiles(event, duration, **kwargs):
+    if event == BACKEND_COMPILE_EVENT:
+        _COMPILES[0] += 1
+
+
+jax.monitoring.register_event_duration_secs_listener(_count_compiles)
 
 
 def _log(msg):
@@ -106,16 +118,13 @@ def main() -> dict[str, float]:
     # 1. Data parallel (batch split over devices), explicit shard_map ring version.
     aggregators = _aggregators()
     data_parallel = eqxjd.DataParallel(mesh, "data")
-    # iwmtl has m = 32 objectives: UPGrad's batched Cholesky is then large enough for
-    # jaxlib to split it over the thread pool (the case that deadlocked).
+    # UPGrad's lane QPs are split over the devices (32 lanes here, 16 on the 2-D mesh
+    # below); partial Jacobian descent does not depend on the weighting.
     cases = [
-        (tag, loss, name, filt)
-        for tag, loss, filt in (
-            ("iwrm", _sample_losses, True),
-            ("iwmtl", _task_losses, True),
-            ("iwrm_partial", _sample_losses, spec),
-        )
-        for name in ("softmin", "upgrad")
+        ("iwrm", _sample_losses, "softmin", True),
+        ("iwmtl", _task_losses, "softmin", True),
+        ("iwmtl", _task_losses, "upgrad", True),
+        ("iwrm_partial", _sample_losses, "softmin", spec),
     ]
     for tag, loss, name, filt in cases:
         aggregator = aggregators[name]
@@ -132,6 +141,103 @@ def main() -> dict[str, float]:
     )
     assert multi.losses.sharding.spec[0] == "data", multi.losses.sharding
     assert len(multi.losses.sharding.device_set) == 8
+    single = _step(_sample_losses, softmin, eqxjd.PerSampleGramian())(model, xs, ys)
+
+    # The Gramian alone (one all-to-all, one psum), with 386 parameters: the columns
+    # are padded to a multiple of 8.
+    def gramian_of(strategy):
+        fn = eqxjd.filter_value_and_gramian(_sample_losses, strategy=strategy)
+        return eqx.filter_jit(fn)(model, xs, ys)
+
+    results["data_parallel/gramian"] = _rel(
+        gramian_of(data_parallel), gramian_of(eqxjd.PerSampleGramian())
+    )
+    _log("data_parallel/gramian")
+
+    # A stateful weighting (computed by every device), a few steps.
+    gradvac = eqxjd.GradVac()
+
+    def train(strategy):
+        step = eqxjd.filter_value_and_aggregate(
+            _sample_losses, gradvac, strategy=strategy
+        )
+        state = step.init(model, xs, ys)
+        jitted = eqx.filter_jit(step)
+        m, outs = model, []
+        for i in range(3):
+            out = jitted(m, xs, ys, agg_state=state, agg_key=jr.key(i))
+            state = out.state
+            m = eqx.apply_updates(m, jtu.tree_map(lambda u: -0.1 * u, out.update))
+            outs.append(out)
+        return eqx.filter(m, eqx.is_array), outs
+
+    results["data_parallel/gradvac_steps"] = _rel(
+        train(data_parallel), train(eqxjd.PerSampleGramian())
+    )
+    _log("data_parallel/gradvac_steps")
+
+    # The mesh set by `jax.set_mesh`, under `jit` and eagerly.
+    with jax.set_mesh(mesh):
+        ambient = eqxjd.filter_value_and_aggregate(
+            _sample_losses, softmin, strategy=eqxjd.DataParallel()
+        )
+        results["data_parallel/ambient_mesh"] = _rel(
+            eqx.filter_jit(ambient)(model, xs, ys), single
+        )
+        results["data_parallel/ambient_mesh_eager"] = _rel(
+            ambient(model, xs, ys), single
+        )
+    _log("data_parallel/ambient_mesh")
+
+    # Eager steps reuse their compilation.
+    eager = eqxjd.filter_value_and_aggregate(
+        _sample_losses, softmin, strategy=data_parallel
+    )
+    first = eager(model, xs, ys)
+    before = _COMPILES[0]
+    second = eager(model, xs, ys)
+    assert _COMPILES[0] == before, _COMPILES[0] - before
+    results["data_parallel/eager"] = _rel(second, first)
+    _log("data_parallel/eager")
+
+    # Parameters sharded over a "model" axis (FSDP-style), with the batch over
+    # "data", over both axes (a tuple), or over "model" only (true FSDP: the same
+    # axis splits the batch and the parameters). Updates keep the parameters'
+    # sharding.
+    mesh_2d = jax.make_mesh((2, 4), ("data", "model"))
+
+    def fsdp(x):
+        if eqx.is_array(x) and x.ndim == 2 and x.shape[0] % 4 == 0:
+            return jax.device_put(x, NamedSharding(mesh_2d, P("model", None)))
+        if eqx.is_array(x):
+            return jax.device_put(x, NamedSharding(mesh_2d, P()))
+        return x
+
+    fsdp_model = jtu.tree_map(fsdp, model)
+    params = jtu.tree_leaves(eqx.filter(fsdp_model, eqx.is_array))
+    assert any(p.sharding.spec == P("model", None) for p in params)
+    references = {
+        name: _step(_sample_losses, aggregators[name], eqxjd.PerSampleGramian())(
+            model, xs, ys
+        )
+        for name in ("softmin", "upgrad")
+    }
+    fsdp_cases = (
+        ("data", "data", "softmin"),
+        ("data", "data", "upgrad"),
+        ("tuple", ("data", "model"), "softmin"),
+        ("fsdp", "model", "softmin"),
+    )
+    for tag, axes, name in fsdp_cases:
+        strategy = eqxjd.DataParallel(mesh_2d, axes)
+        multi = _step(_sample_losses, aggregators[name], strategy)(fsdp_model, xs, ys)
+        results[f"data_parallel/fsdp_{tag}/{name}"] = _rel(multi, references[name])
+        for update, param in zip(jtu.tree_leaves(multi.update), params):
+            assert update.sharding.is_equivalent_to(param.sharding, param.ndim), (
+                update.sharding,
+                param.sharding,
+            )
+        _log(f"data_parallel/fsdp_{tag}/{name}")
 
     # 2. GSPMD: the single-device code under plain jit with the batch sharded, on a
     #    mesh with Auto axes (XLA partitions it).
@@ -190,13 +296,61 @@ def main() -> dict[str, float]:
         ),
         jac @ jac.T,
     )
+    # Eager calls reuse their compilation; gradients eagerly and under `jit`, on the
+    # default (explicit-axes) mesh and on the mesh set by `jax.set_mesh` with tuple
+    # axes.
+    before = _COMPILES[0]
+    eqxjd.sharded_gramian(jac, mesh, "data")
+    assert _COMPILES[0] == before, _COMPILES[0] - before
 
-    # 5. Clear errors.
+    def loss(j):
+        return jnp.sum(eqxjd.sharded_gramian(j, mesh, "data") ** 2)
+
+    expected = jax.grad(lambda j: jnp.sum((j @ j.T) ** 2))(jac)
+    results["sharded_gramian_grad"] = _rel(jax.grad(loss)(jac), expected)
+    results["sharded_gramian_jit_grad"] = _rel(jax.jit(jax.grad(loss))(jac), expected)
+    with jax.set_mesh(mesh_2d):
+        results["sharded_gramian_ambient"] = _rel(
+            jax.jit(lambda j: eqxjd.sharded_gramian(j, axis_name=("data", "model")))(
+                jac
+            ),
+            jac @ jac.T,
+        )
+    _log("sharded_gramian")
+
+    # 5. With several CPU devices, batched LAPACK calls are issued one matrix at a
+    #    time: the same numbers as the batched calls.
+    from eqxjd import _linalg
+
+    assert _linalg.several_cpu_devices()
+    a = jr.normal(k4, (6, 5, 5), jnp.float64)
+    a = a @ jnp.swapaxes(a, 1, 2) + 5 * jnp.eye(5)[None]
+    b = jr.normal(k4, (6, 5, 2), jnp.float64)
+    factor = jax.lax.linalg.cholesky(a)
+    pairs = (
+        (_linalg.cholesky(a), factor),
+        (
+            _linalg.triangular_solve(factor, b, left_side=True, lower=True),
+            jax.lax.linalg.triangular_solve(factor, b, left_side=True, lower=True),
+        ),
+        (_linalg.solve(a, b), jnp.linalg.solve(a, b)),
+        (
+            _linalg.map_lanes(jnp.linalg.cholesky, a),
+            jax.vmap(jnp.linalg.cholesky)(a),
+        ),
+    )
+    results["linalg/one_at_a_time"] = max(_rel(x, y) for x, y in pairs)
+    jaxpr = str(jax.make_jaxpr(_linalg.cholesky)(a))
+    assert "platform_index" in jaxpr and "scan" in jaxpr, jaxpr
+
+    # 6. Clear errors.
     for bad in (
         lambda: eqxjd.sharded_gramian(jac[:, :60], mesh, "data"),
         lambda: eqxjd.sharded_gramian(jac, mesh, "model"),
         lambda: _step(_sample_losses, softmin, data_parallel)(model, xs[:12], ys[:12]),
         lambda: eqxjd.DataParallel(mesh, "model"),
+        lambda: eqxjd.DataParallel(mesh, ("data", "data")),
+        lambda: _step(_sample_losses, softmin, eqxjd.DataParallel())(model, xs, ys),
     ):
         try:
             bad()

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Bool, Float
 
+from .. import _linalg as linalg
 from .._results import RESULTS
 
 
@@ -93,10 +94,10 @@ def cho_solve(
     factor: Float[Array, "k m m"], rhs: Float[Array, "k m"]
 ) -> Float[Array, "k m"]:
     # Row vectors: x (L L^T) = b, so solve y L^T = b, then x L = y.
-    y = lax.linalg.triangular_solve(
+    y = linalg.triangular_solve(
         factor, rhs[:, None, :], left_side=False, lower=True, transpose_a=True
     )
-    x = lax.linalg.triangular_solve(factor, y, left_side=False, lower=True)
+    x = linalg.triangular_solve(factor, y, left_side=False, lower=True)
     return x[:, 0, :]
 
 
@@ -118,10 +119,10 @@ def bordered_solve(
     top = jnp.concatenate([matrix, rhs[:, :, None]], axis=2)
     bottom = jnp.concatenate([rhs[:, None, :], corner], axis=2)
     bordered = jnp.concatenate([top, bottom], axis=1)
-    factor = lax.linalg.cholesky(bordered, symmetrize_input=False)
+    factor = linalg.cholesky(bordered, symmetrize_input=False)
     # Solve x L = [L^{-1} b, 0] with the bordered factor: its last entry is 0.
     forward = jnp.where(jnp.arange(m + 1) < m, factor[:, m, :], 0.0)
-    x = lax.linalg.triangular_solve(
+    x = linalg.triangular_solve(
         factor, forward[:, None, :], left_side=False, lower=True
     )
     pivots = jnp.diagonal(factor, axis1=1, axis2=2)[:, :m] ** 2
@@ -140,7 +141,7 @@ def factor_free_set(
     factor of the ridged system."""
     system = masked_system(gramian, free)
     rhs = free_rhs(gramian, lower, free)
-    return jnp.linalg.cholesky(add_ridge(system, free, ridge)), system, rhs
+    return linalg.cholesky(add_ridge(system, free, ridge)), system, rhs
 
 
 def free_rhs(

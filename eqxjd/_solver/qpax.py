@@ -5,6 +5,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
+from .. import _linalg as linalg
 from .._custom_types import ScalarLike
 from .._results import RESULTS
 from .base import AbstractQPSolver, register_solver
@@ -95,7 +96,7 @@ class QPax(AbstractQPSolver):
 
         # qpax relies on implicit promotion; keep it working under strict settings.
         with jax.numpy_dtype_promotion("standard"), jax.numpy_rank_promotion("allow"):
-            x, z, converged = jax.vmap(one_lane)(u)
+            x, z, converged = linalg.map_lanes(one_lane, u)
         # Complementarity: a coordinate is free when its slack exceeds its multiplier.
         # Polishing is block principal pivoting warm-started at qpax's free set: zero
         # pivots when qpax identified it, a few exact exchanges otherwise.
