@@ -50,10 +50,6 @@ from ._aggregator import (
     StatefulWeightedAggregator as StatefulWeightedAggregator,
     WeightedAggregator as WeightedAggregator,
 )
-from ._dual_cone import (
-    kkt_residual as kkt_residual,
-    project_onto_dual_cone as project_onto_dual_cone,
-)
 from ._jacobian import (
     filter_jac as filter_jac,
     filter_value_and_jac as filter_value_and_jac,
@@ -63,6 +59,10 @@ from ._mtl import (
     filter_mtl_value_and_jac as filter_mtl_value_and_jac,
 )
 from ._optax import as_optax as as_optax, AsOptaxState as AsOptaxState
+from ._projector import (
+    DualConeProjector as DualConeProjector,
+    DualConeSolution as DualConeSolution,
+)
 from ._results import RESULTS as RESULTS
 from ._sharding import DataParallel as DataParallel, sharded_gramian as sharded_gramian
 from ._solver import (

@@ -64,6 +64,17 @@ def check_gramian(gramian: Shaped[Array, "..."]) -> Array:
     return gramian
 
 
+def check_lower(lower: Shaped[Array, "..."], m: int) -> None:
+    """Raises a `ValueError` unless `lower` holds lower bounds for a Gramian with `m`
+    rows: a real floating `(k, m)` matrix, one QP per row."""
+    check_matrix(lower, "lower")
+    if jnp.shape(lower)[1] != m:
+        raise ValueError(
+            f"`lower` must have shape (k, {m}) (one bound per row of the Gramian, one "
+            f"QP per row of `lower`); got shape {jnp.shape(lower)}."
+        )
+
+
 def check_length(vector: Shaped[Array, " k"], m: int, name: str) -> None:
     """Raises a `ValueError` if `vector` does not have one entry per objective."""
     if vector.shape[0] != m:

@@ -1,3 +1,5 @@
+from typing import overload
+
 import jax
 import jax.lax as lax
 import jax.numpy as jnp
@@ -12,6 +14,10 @@ from ._scale import in_window, work_dtype
 _HIGHEST = lax.Precision.HIGHEST
 
 
+@overload
+def as_vector(value: None, name: str) -> None: ...
+@overload
+def as_vector(value: ArrayLike, name: str) -> Float[Array, " k"]: ...
 def as_vector(value: ArrayLike | None, name: str) -> Float[Array, " k"] | None:
     """Converter for optional 1-D hyperparameters such as `pref_vector`."""
     if value is None:

@@ -29,9 +29,8 @@ from jaxtyping import Array, Float, PyTree
 
 from ._aggregation.upgrad import UPGradWeighting
 from ._checks import check_gramian, check_matrix
-from ._dual_cone import kkt_residual, kkt_tolerance, project_onto_dual_cone
 from ._gramian import batch_size, flat_rows, per_sample_vector_fn, symmetrize
-from ._misc import all_finite, normalize, pref_weights, regularize, solve_dtype
+from ._misc import pref_weights
 from ._results import RESULTS
 from ._step import AbstractStrategy, Linearized, weigh
 
@@ -375,21 +374,6 @@ def _update_part(layout, batched_f, diff, cotangent, batch):
     return layout.map(body, in_specs, specs)(diff, cotangent, *batch)
 
 
-def _rejected(weighting: UPGradWeighting, g: Array, lanes: Array, v: Array) -> Array:
-    """Whether the projector would reject these lane solutions: its acceptance test
-    (the relative KKT residual on the rescaled problem), for lanes solved with
-    `throw=False`, so that every device can raise at the same point."""
-    m = g.shape[0]
-    work = solve_dtype(g.dtype)
-    reg = regularize(normalize(g.astype(work), weighting.norm_eps), weighting.reg_eps)
-    mean_diag = jnp.trace(reg) / m
-    degenerate = mean_diag <= 0
-    scaled = reg / jnp.where(degenerate, 1.0, mean_diag)
-    residual = kkt_residual(scaled, lanes.astype(work), v.astype(work))
-    bad = jnp.any(residual > kkt_tolerance(g.dtype))
-    return all_finite(reg) & ~degenerate & bad
-
-
 def _upgrad_weights(layout: _Layout, weighting: UPGradWeighting, g: Array) -> Array:
     """UPGrad's weights $\\sum_i p_i V_i$ with the $m$ lane QPs split over the
     devices: each solves its lanes, one `psum` adds up their contributions."""
@@ -407,18 +391,13 @@ def _upgrad_weights(layout: _Layout, weighting: UPGradWeighting, g: Array) -> Ar
 
     def body(dynamic, g, lanes, coeffs):
         w = eqx.combine(dynamic, static)
-        v = project_onto_dual_cone(
-            g,
-            lanes,
-            solver=w.solver,
-            norm_eps=w.norm_eps,
-            reg_eps=w.reg_eps,
-            differentiable=w.differentiable,
-            throw=False,
+        solution = w.projector.solve(g, lanes)
+        failed = (solution.result != RESULTS.successful) & (
+            solution.result != RESULTS.nonfinite
         )
-        bad = lax.stop_gradient(_rejected(w, g, lanes, v)).astype(jnp.int32)
+        v, bad = solution.value, lax.stop_gradient(failed).astype(jnp.int32)
         weights, bad = lax.psum((coeffs @ v, bad), layout.axes)
-        if w.throw:
+        if w.projector.throw:
             # After the reduction, so that every device raises (or none does).
             failed = bad > 0
             result = RESULTS.where(failed, RESULTS.kkt_check_failed, RESULTS.successful)

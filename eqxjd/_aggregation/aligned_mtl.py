@@ -1,3 +1,4 @@
+import functools as ft
 from typing import ClassVar, Literal
 
 import equinox as eqx
@@ -7,10 +8,9 @@ from jaxtyping import Array, ArrayLike, Float, PRNGKeyArray
 
 from .._aggregator import AbstractWeightedAggregator
 from .._checks import check_gramian
-from .._misc import nan_unless_finite, pref_weights
+from .._misc import as_vector, nan_unless_finite, pref_weights
 from .._scale import in_window, promote_half
 from .._weighting import AbstractWeighting, Reads
-from .common import pref_field
 
 
 _HIGHEST = lax.Precision.HIGHEST
@@ -95,7 +95,9 @@ class AlignedMTLWeighting(AbstractWeighting):
     reads: ClassVar[Reads] = "gramian"
     differentiable: ClassVar[bool] = True
 
-    pref_vector: Float[Array, " m"] | None = pref_field()
+    pref_vector: Float[Array, " m"] | None = eqx.field(
+        default=None, converter=ft.partial(as_vector, name="pref_vector")
+    )
     scale_mode: Literal["min", "median", "rmse"] = eqx.field(default="min", static=True)
 
     def __check_init__(self):

@@ -1,12 +1,14 @@
+import functools as ft
+
+import equinox as eqx
 import jax.lax as lax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, PRNGKeyArray
 
 from .._aggregator import AbstractAggregator
 from .._checks import check_length, check_matrix
-from .._misc import nan_unless_finite, pinv
+from .._misc import as_vector, nan_unless_finite, pinv
 from .._scale import jacobian_exponent, NARROW, promote_half, scale_pow2
-from .common import pref_field
 
 
 _HIGHEST = lax.Precision.HIGHEST
@@ -30,7 +32,9 @@ class ConFIG(AbstractAggregator):
     Networks*, [arXiv:2408.11104](https://arxiv.org/abs/2408.11104), Eq. 2.
     """
 
-    pref_vector: Float[Array, " m"] | None = pref_field()
+    pref_vector: Float[Array, " m"] | None = eqx.field(
+        default=None, converter=ft.partial(as_vector, name="pref_vector")
+    )
 
     def __call__(
         self, jacobian: Float[Array, "m n"], /, *, key: PRNGKeyArray | None = None

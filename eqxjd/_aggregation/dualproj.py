@@ -1,21 +1,26 @@
 from typing import ClassVar
 
-import equinox as eqx
 from jaxtyping import Array, ArrayLike, Float, PRNGKeyArray
 
 from .._aggregator import AbstractWeightedAggregator
-from .._checks import check_gramian, check_nonnegative
+from .._checks import check_gramian
 from .._custom_types import ScalarLike
-from .._dual_cone import project_onto_dual_cone
 from .._misc import as_vector, pref_weights
-from .._solver.base import AbstractQPSolver, SolverName, to_solver
+from .._projector import (
+    DualConeProjector,
+    DualConeSolution,
+    projector_from,
+    SolverName,
+)
+from .._solver import AbstractQPSolver
 from .._weighting import AbstractWeighting, Reads
-from .upgrad import _ARGS
+from .upgrad import _ARGS, no_objectives
 
 
 class DualProjWeighting(AbstractWeighting):
     r"""The weighting of [`eqxjd.DualProj`][]:
-    $w = \operatorname{argmin}_{v \geq p} v^\top G' v$.
+    $w = \operatorname{argmin}_{v \geq p} v^\top G' v$, one QP solved by `projector`
+    (see [`eqxjd.DualConeProjector`][]).
 
     Lopez-Paz & Ranzato, *Gradient Episodic Memory for Continual Learning*, NeurIPS
     2017, [arXiv:1706.08840](https://arxiv.org/abs/1706.08840), Eq. 11.
@@ -24,33 +29,32 @@ class DualProjWeighting(AbstractWeighting):
     reads: ClassVar[Reads] = "gramian"
 
     pref_vector: Float[Array, " m"] | None
-    norm_eps: ScalarLike
-    reg_eps: ScalarLike
-    solver: AbstractQPSolver
-    # An instance field shadowing the ABC's ClassVar: hence the hand-written __init__,
-    # which keeps the arguments in this order.
-    differentiable: bool = eqx.field(static=True)
-    throw: bool = eqx.field(static=True)
+    projector: DualConeProjector
 
     def __init__(
         self,
         pref_vector: Float[ArrayLike, " m"] | None = None,
-        norm_eps: ScalarLike = 1e-4,
-        reg_eps: ScalarLike = 1e-4,
-        solver: SolverName | AbstractQPSolver = "bpp",
-        differentiable: bool = False,
-        throw: bool = True,
+        projector: DualConeProjector | None = None,
+        *,
+        solver: SolverName | AbstractQPSolver | None = None,
+        norm_eps: ScalarLike | None = None,
+        reg_eps: ScalarLike | None = None,
+        differentiable: bool | None = None,
+        throw: bool | None = None,
     ):
         self.pref_vector = as_vector(pref_vector, "pref_vector")
-        self.norm_eps = norm_eps
-        self.reg_eps = reg_eps
-        self.solver = to_solver(solver)
-        self.differentiable = differentiable
-        self.throw = throw
+        self.projector = projector_from(
+            projector,
+            solver=solver,
+            norm_eps=norm_eps,
+            reg_eps=reg_eps,
+            differentiable=differentiable,
+            throw=throw,
+        )
 
-    def __check_init__(self):
-        check_nonnegative(self.norm_eps, "norm_eps")
-        check_nonnegative(self.reg_eps, "reg_eps")
+    @property
+    def differentiable(self) -> bool:
+        return self.projector.differentiable
 
     def __call__(
         self, gramian: Float[Array, "m m"], /, *, key: PRNGKeyArray | None = None
@@ -60,16 +64,28 @@ class DualProjWeighting(AbstractWeighting):
         pref = pref_weights(self.pref_vector, m, gramian.dtype)
         if m == 0:
             return pref
-        (weights,) = project_onto_dual_cone(
-            gramian,
-            pref[None],
-            solver=self.solver,
-            norm_eps=self.norm_eps,
-            reg_eps=self.reg_eps,
-            differentiable=self.differentiable,
-            throw=self.throw,
-        )
-        return weights
+        return self.projector(gramian, pref[None])[0]
+
+    def solve(self, gramian: Float[Array, "m m"], /) -> DualConeSolution:
+        """The weights with the outcome of the solve, never raising (also with
+        `throw=False`, to see whether a solve failed).
+
+        **Arguments:**
+
+        - `gramian`: $G = J J^\\top$, an array of shape `(m, m)`.
+
+        **Returns:**
+
+        An [`eqxjd.DualConeSolution`][] whose `value` holds the weights, shape `(m,)`,
+        and whose `residual` holds the KKT residual of the QP, shape `(1,)`.
+        """
+        check_gramian(gramian)
+        m = gramian.shape[0]
+        pref = pref_weights(self.pref_vector, m, gramian.dtype)
+        if m == 0:
+            return no_objectives(pref)
+        solution = self.projector.solve(gramian, pref[None])
+        return DualConeSolution(solution.value[0], solution.result, solution.residual)
 
 
 DualProjWeighting.__init__.__doc__ = _ARGS
@@ -81,8 +97,12 @@ class DualProj(AbstractWeightedAggregator):
     $$A(J) = \pi_J(J^\top p), \qquad \pi_J(x) = \operatorname{argmin}_{y : J y \geq 0}
     \|y - x\|^2.$$
 
-    Non-conflicting ($J A(J) \geq 0$) and permutation invariant; equal to the weighted
-    mean when that already conflicts with no objective. One QP, solved from the Gramian.
+    Permutation invariant, equal to the weighted mean when that already conflicts with
+    no objective, and non-conflicting: with TorchJD's regularisation (the default)
+    $(J A(J))_j \geq -\epsilon_{reg} \operatorname{tr}(J J^\top) w_j$;
+    `projector=eqxjd.DualConeProjector(norm_eps=0.0, reg_eps=0.0)` makes
+    $J A(J) \geq 0$ strict (see [`eqxjd.DualConeProjector`][]). One QP, solved from
+    the Gramian.
 
     Lopez-Paz & Ranzato, *Gradient Episodic Memory for Continual Learning*, NeurIPS
     2017, [arXiv:1706.08840](https://arxiv.org/abs/1706.08840), Eq. 11.
@@ -93,14 +113,22 @@ class DualProj(AbstractWeightedAggregator):
     def __init__(
         self,
         pref_vector: Float[ArrayLike, " m"] | None = None,
-        norm_eps: ScalarLike = 1e-4,
-        reg_eps: ScalarLike = 1e-4,
-        solver: SolverName | AbstractQPSolver = "bpp",
-        differentiable: bool = False,
-        throw: bool = True,
+        projector: DualConeProjector | None = None,
+        *,
+        solver: SolverName | AbstractQPSolver | None = None,
+        norm_eps: ScalarLike | None = None,
+        reg_eps: ScalarLike | None = None,
+        differentiable: bool | None = None,
+        throw: bool | None = None,
     ):
         self.weighting = DualProjWeighting(
-            pref_vector, norm_eps, reg_eps, solver, differentiable, throw
+            pref_vector,
+            projector,
+            solver=solver,
+            norm_eps=norm_eps,
+            reg_eps=reg_eps,
+            differentiable=differentiable,
+            throw=throw,
         )
 
 

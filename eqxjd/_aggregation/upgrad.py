@@ -1,25 +1,37 @@
 from typing import ClassVar
 
-import equinox as eqx
 import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, Float, PRNGKeyArray
 
 from .._aggregator import AbstractWeightedAggregator
-from .._checks import check_gramian, check_nonnegative
+from .._checks import check_gramian
 from .._custom_types import ScalarLike
-from .._dual_cone import project_onto_dual_cone
 from .._misc import as_vector, pref_weights
-from .._solver.base import AbstractQPSolver, SolverName, to_solver
+from .._projector import (
+    DualConeProjector,
+    DualConeSolution,
+    projector_from,
+    SolverName,
+)
+from .._results import RESULTS
+from .._solver import AbstractQPSolver
 from .._weighting import AbstractWeighting, Reads
 
 
+def no_objectives(weights: Float[Array, " 0"]) -> DualConeSolution:
+    """The solution of a weighting for m = 0: no QP to solve."""
+    return DualConeSolution(weights, RESULTS.successful, jnp.zeros((0,), weights.dtype))
+
+
 class UPGradWeighting(AbstractWeighting):
-    r"""The weighting of [`eqxjd.UPGrad`][]: $w = \sum_i p_i V_i$ with
+    r"""The weighting of [`eqxjd.UPGrad`][]: $w = \sum_i \max(p_i, 0) V_i$ with
     $V_i = \operatorname{argmin}_{v \geq e_i} v^\top G' v$.
 
     Each row $p_i g_i$ of the (preference-scaled) Jacobian is projected onto the dual
     cone of the rows; the weights of the projections are summed. Negative preferences
-    contribute nothing (the projection of $p_i g_i$ with $p_i \leq 0$ is $0$).
+    contribute nothing (the projection of $p_i g_i$ with $p_i \leq 0$ is $0$). The $m$
+    QPs are solved by `projector` as one batch; see [`eqxjd.DualConeProjector`][],
+    also for the guarantee that the regularisation leaves.
 
     Quinton & Rey, *Jacobian Descent for Multi-Objective Optimization*, 2024,
     [arXiv:2406.16232](https://arxiv.org/abs/2406.16232).
@@ -28,33 +40,32 @@ class UPGradWeighting(AbstractWeighting):
     reads: ClassVar[Reads] = "gramian"
 
     pref_vector: Float[Array, " m"] | None
-    norm_eps: ScalarLike
-    reg_eps: ScalarLike
-    solver: AbstractQPSolver
-    # An instance field shadowing the ABC's ClassVar: hence the hand-written __init__,
-    # which keeps the arguments in this order.
-    differentiable: bool = eqx.field(static=True)
-    throw: bool = eqx.field(static=True)
+    projector: DualConeProjector
 
     def __init__(
         self,
         pref_vector: Float[ArrayLike, " m"] | None = None,
-        norm_eps: ScalarLike = 1e-4,
-        reg_eps: ScalarLike = 1e-4,
-        solver: SolverName | AbstractQPSolver = "bpp",
-        differentiable: bool = False,
-        throw: bool = True,
+        projector: DualConeProjector | None = None,
+        *,
+        solver: SolverName | AbstractQPSolver | None = None,
+        norm_eps: ScalarLike | None = None,
+        reg_eps: ScalarLike | None = None,
+        differentiable: bool | None = None,
+        throw: bool | None = None,
     ):
         self.pref_vector = as_vector(pref_vector, "pref_vector")
-        self.norm_eps = norm_eps
-        self.reg_eps = reg_eps
-        self.solver = to_solver(solver)
-        self.differentiable = differentiable
-        self.throw = throw
+        self.projector = projector_from(
+            projector,
+            solver=solver,
+            norm_eps=norm_eps,
+            reg_eps=reg_eps,
+            differentiable=differentiable,
+            throw=throw,
+        )
 
-    def __check_init__(self):
-        check_nonnegative(self.norm_eps, "norm_eps")
-        check_nonnegative(self.reg_eps, "reg_eps")
+    @property
+    def differentiable(self) -> bool:
+        return self.projector.differentiable
 
     def __call__(
         self, gramian: Float[Array, "m m"], /, *, key: PRNGKeyArray | None = None
@@ -64,33 +75,52 @@ class UPGradWeighting(AbstractWeighting):
         pref = pref_weights(self.pref_vector, m, gramian.dtype)
         if m == 0:
             return pref
-        lanes = project_onto_dual_cone(
-            gramian,
-            jnp.eye(m, dtype=gramian.dtype),
-            solver=self.solver,
-            norm_eps=self.norm_eps,
-            reg_eps=self.reg_eps,
-            differentiable=self.differentiable,
-            throw=self.throw,
-        )
-        # Homogeneity: lane p_i e_i has solution p_i V_i for p_i >= 0, and 0 otherwise.
-        return jnp.maximum(pref, 0) @ lanes
+        lanes = self.projector(gramian, jnp.eye(m, dtype=gramian.dtype))
+        return _combine(pref, lanes)
+
+    def solve(self, gramian: Float[Array, "m m"], /) -> DualConeSolution:
+        """The weights with the outcome of the solve, never raising (also with
+        `throw=False`, to see whether a solve failed).
+
+        **Arguments:**
+
+        - `gramian`: $G = J J^\\top$, an array of shape `(m, m)`.
+
+        **Returns:**
+
+        An [`eqxjd.DualConeSolution`][] whose `value` holds the weights, shape `(m,)`,
+        and whose `residual` holds the KKT residual of each of the $m$ QPs.
+        """
+        check_gramian(gramian)
+        m = gramian.shape[0]
+        pref = pref_weights(self.pref_vector, m, gramian.dtype)
+        if m == 0:
+            return no_objectives(pref)
+        solution = self.projector.solve(gramian, jnp.eye(m, dtype=gramian.dtype))
+        weights = _combine(pref, solution.value)
+        return DualConeSolution(weights, solution.result, solution.residual)
+
+
+def _combine(
+    pref: Float[Array, " m"], lanes: Float[Array, "m m"]
+) -> Float[Array, " m"]:
+    # Homogeneity: lane p_i e_i has solution p_i V_i for p_i >= 0, and 0 otherwise.
+    return jnp.maximum(pref, 0) @ lanes
 
 
 _ARGS = """**Arguments:**
 
 - `pref_vector`: the preference vector $p$, shape `(m,)`; `None` means $1/m$ each.
-- `norm_eps`: $G$ is replaced by $G / \\operatorname{tr} G$, or by $0$ when
-    $\\operatorname{tr} G$ < `norm_eps` (TorchJD's absolute threshold). Default `1e-4`.
-- `reg_eps`: ridge added to the normalised Gramian. Default `1e-4`. `0` is allowed:
-    the projection is then exactly non-conflicting even on rank-deficient Jacobians.
-- `solver`: the QP solver, a name (`"bpp"`, `"nesterov_pgd"`, `"qpax"`) or an
-    [`eqxjd.AbstractQPSolver`][] instance carrying its own knobs. Default `"bpp"`.
-- `differentiable`: if `False` (default, as TorchJD), gradients through the output are
-    stopped (zero, never wrong). If `True`, they are the exact derivative of the QP
-    solution, by implicit differentiation on the identified free set.
-- `throw`: if `True` (default), a failed solve raises `eqx.EquinoxRuntimeError` (under
-    `jit` too; see `EQX_ON_ERROR`). If `False`, the unchecked result is returned.
+- `projector`: the [`eqxjd.DualConeProjector`][] that solves the QPs, with its solver,
+    TorchJD's `norm_eps` and `reg_eps` (default `1e-4` each), `differentiable` and
+    `throw`. `None` (default) means `DualConeProjector()`, or one built from the
+    keyword arguments below. As TorchJD's `projector=QuadprogProjector(norm_eps,
+    reg_eps)`.
+- `solver`, `norm_eps`, `reg_eps`, `differentiable`, `throw`: shortcuts (keyword
+    only) for `projector=DualConeProjector(solver=..., norm_eps=..., ...)`, e.g.
+    `solver="nesterov_pgd"` or `reg_eps=0.0`; see [`eqxjd.DualConeProjector`][] for
+    their meaning and defaults. Passing any of them together with `projector` raises a
+    `ValueError`.
 """
 UPGradWeighting.__init__.__doc__ = _ARGS
 
@@ -102,9 +132,13 @@ class UPGrad(AbstractWeightedAggregator):
     \geq 0} \|y - x\|^2,$$
 
     each row $g_i$ of $J$ (scaled by its preference $p_i$) is projected onto the dual
-    cone of the rows, and the projections are summed. The result never conflicts with
-    any objective ($J A(J) \geq 0$), is invariant to row permutations and linear under
-    row scaling. Computed from the Gramian with $m$ QPs solved as one batch.
+    cone of the rows, and the projections are summed. It is permutation invariant and
+    linear under row scaling, and it conflicts with no objective: with TorchJD's
+    regularisation (the default) $(J A(J))_j \geq -\epsilon_{reg}
+    \operatorname{tr}(J J^\top) w_j$, which lets a small gradient next to large ones be
+    slightly conflicted; `projector=eqxjd.DualConeProjector(norm_eps=0.0,
+    reg_eps=0.0)` makes $J A(J) \geq 0$ strict (see [`eqxjd.DualConeProjector`][]).
+    Computed from the Gramian with $m$ QPs solved as one batch.
 
     !!! Example
 
@@ -114,6 +148,7 @@ class UPGrad(AbstractWeightedAggregator):
 
         J = jnp.array([[-4.0, 1.0, 1.0], [6.0, 1.0, 1.0]])
         eqxjd.UPGrad()(J)  # [0.2929, 1.9004, 1.9004]
+        eqxjd.UPGrad(solver="nesterov_pgd")(J)  # another solver, same answer
         ```
 
     Quinton & Rey, *Jacobian Descent for Multi-Objective Optimization*, 2024,
@@ -125,14 +160,22 @@ class UPGrad(AbstractWeightedAggregator):
     def __init__(
         self,
         pref_vector: Float[ArrayLike, " m"] | None = None,
-        norm_eps: ScalarLike = 1e-4,
-        reg_eps: ScalarLike = 1e-4,
-        solver: SolverName | AbstractQPSolver = "bpp",
-        differentiable: bool = False,
-        throw: bool = True,
+        projector: DualConeProjector | None = None,
+        *,
+        solver: SolverName | AbstractQPSolver | None = None,
+        norm_eps: ScalarLike | None = None,
+        reg_eps: ScalarLike | None = None,
+        differentiable: bool | None = None,
+        throw: bool | None = None,
     ):
         self.weighting = UPGradWeighting(
-            pref_vector, norm_eps, reg_eps, solver, differentiable, throw
+            pref_vector,
+            projector,
+            solver=solver,
+            norm_eps=norm_eps,
+            reg_eps=reg_eps,
+            differentiable=differentiable,
+            throw=throw,
         )
 
 

@@ -1,6 +1,6 @@
 import abc
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, overload
 
 import equinox as eqx
 import jax.lax as lax
@@ -158,6 +158,10 @@ def shifted_losses(
     return losses - constant(reference, losses.dtype)
 
 
+@overload
+def as_float_array(value: None) -> None: ...
+@overload
+def as_float_array(value: ArrayLike) -> Float[Array, "..."]: ...
 def as_float_array(value: ArrayLike | None) -> Float[Array, "..."] | None:
     """Converter for optional per-loss arrays: a floating JAX array (or `None`)."""
     if value is None:

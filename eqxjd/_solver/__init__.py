@@ -1,4 +1,4 @@
-from .base import AbstractQPSolver as AbstractQPSolver, to_solver as to_solver
+from .base import AbstractQPSolver as AbstractQPSolver
 from .bpp import BPP as BPP
 from .nesterov_pgd import NesterovPGD as NesterovPGD
 from .qpax import QPax as QPax

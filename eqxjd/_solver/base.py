@@ -1,6 +1,4 @@
 import abc
-from collections.abc import Callable
-from typing import Literal
 
 import equinox as eqx
 from jaxtyping import Array, Float
@@ -11,17 +9,28 @@ from .._results import RESULTS
 class AbstractQPSolver(eqx.Module):
     r"""Base class for the batched dual-cone QP solvers.
 
-    A solver receives one Gramian $\hat G$ (shape `(m, m)`, symmetric positive
-    semi-definite) and `k` lower bounds $u_1, \dots, u_k$ (rows of an array of shape
-    `(k, m)`), and returns the `k` solutions
+    A solver receives one Gramian $\hat G$ and `k` lower bounds $u_1, \dots, u_k$ (the
+    rows of an array of shape `(k, m)`), and returns the `k` solutions
 
     $$V_j = \operatorname{argmin}_{v \geq u_j} \tfrac12 v^\top \hat G v.$$
 
-    The caller ([`eqxjd.project_onto_dual_cone`][]) has already normalised, regularised
-    and rescaled the problem: $\hat G$ has unit mean diagonal and every $u_j$ has
-    $\max_i |u_{j,i}| = 1$, so solvers may use relative tolerances. Solvers must be
-    exact: they stop on a KKT residual, never on a fixed step count alone, and report
-    the outcome as an [`eqxjd.RESULTS`][].
+    **The contract.** Solvers only solve. [`eqxjd.DualConeProjector`][] does everything
+    else once, before and after: TorchJD's normalisation and regularisation, the
+    float64 solve dtype, non-finite input, Jacobi and lane scaling, the $m \leq 2$
+    cases (closed form), singular Gramians, the KKT check, the mapping back and the
+    derivative. A solver may therefore assume the canonical problem:
+
+    - $\hat G$ is symmetric positive definite with unit diagonal, and $m \geq 3$. (A
+      singular Gramian, possible with `reg_eps=0`, reaches solvers as a sequence of
+      regularised ones: see the proximal-point note of [`eqxjd.DualConeProjector`][].)
+    - Every lane has $\max_i |u_{j,i}| = 1$, so tolerances may be relative. A lane with
+      $u_j \leq 0$ (whose solution is $0$) may occur; its output is ignored.
+
+    It returns the solutions and an [`eqxjd.RESULTS`][]: `successful` when it stopped
+    on its own optimality test (never on a step count alone),
+    `max_steps_reached` when its budget ran out, and `kkt_check_failed` for a
+    numerical breakdown. The driver then checks the relative KKT residual of every
+    lane itself.
     """
 
     @abc.abstractmethod
@@ -30,30 +39,12 @@ class AbstractQPSolver(eqx.Module):
     ) -> tuple[Float[Array, "k m"], RESULTS]:
         """**Arguments:**
 
-        - `gramian`: the scaled Gramian, shape `(m, m)`.
-        - `lower`: the lower bounds, one QP per row, shape `(k, m)`.
+        - `gramian`: the canonical Gramian $\\hat G$ (positive definite, unit diagonal),
+            shape `(m, m)`.
+        - `lower`: the lower bounds, one QP per row, each with largest absolute entry
+            1, shape `(k, m)`.
 
         **Returns:**
 
-        A 2-tuple of the solutions (shape `(k, m)`) and a [`eqxjd.RESULTS`][].
+        A 2-tuple of the solutions (shape `(k, m)`) and an [`eqxjd.RESULTS`][].
         """
-
-
-SolverName = Literal["bpp", "nesterov_pgd", "qpax"]
-_SOLVERS: dict[str, Callable[[], AbstractQPSolver]] = {}
-
-
-def register_solver(name: str, factory: Callable[[], AbstractQPSolver]) -> None:
-    _SOLVERS[name] = factory
-
-
-def to_solver(solver: SolverName | AbstractQPSolver) -> AbstractQPSolver:
-    """Converter for `solver=` fields: a name or a solver instance (passed through)."""
-    if isinstance(solver, AbstractQPSolver):
-        return solver
-    if solver not in _SOLVERS:
-        raise ValueError(
-            f"Unknown solver {solver!r}; use one of {sorted(_SOLVERS)} or an "
-            "AbstractQPSolver instance such as eqxjd.BPP()."
-        )
-    return _SOLVERS[solver]()

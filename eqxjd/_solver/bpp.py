@@ -1,5 +1,4 @@
 import dataclasses
-import functools as ft
 from typing import NamedTuple
 
 import equinox as eqx
@@ -9,19 +8,13 @@ import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int
 
 from .._results import RESULTS
-from .base import AbstractQPSolver, register_solver
+from .base import AbstractQPSolver
 from .common import (
-    add_ridge,
     bordered_solve,
     eps,
-    factor_free_set,
-    free_rhs,
-    jacobi_scale,
-    masked_system,
+    exchange,
     members_first,
-    refine_solution,
-    relative_size,
-    solve_by_enumeration,
+    solve_on_free_set,
 )
 
 
@@ -34,14 +27,13 @@ class _BPPState(eqx.Module):
     pending: Bool[Array, " k"]
     best: Int[Array, " k"]
     budget: Int[Array, " k"]
-    ridge: Float[Array, " k"]
+    # Lanes whose solve broke down even with a ridge.
+    broken: Bool[Array, " k"]
     step: Int[Array, ""]
     # A reduced solve broke down: the full-size phase takes over.
     stuck: Bool[Array, ""]
 
 
-_BUDGET = 3
-_RETRIES = 3
 # H = G^{-1} costs about four full-size lane solves; each reduced solve saves about
 # 70% of one. Below this many lanes (DualProj has one) the full-size solves win.
 _REDUCED_MIN_LANES = 8
@@ -51,29 +43,9 @@ def _infeasible(free, slack, multiplier, tol):
     return (free & (slack < -tol)) | (~free & (multiplier < -tol))
 
 
-def _solve_lanes(gramian, lower, free, ridge):
-    system = add_ridge(masked_system(gramian, free), free, ridge)
-    slack, pivot = bordered_solve(system, free_rhs(gramian, lower, free))
-    # A (nearly) singular G_FF (reg_eps=0 on a rank-deficient J) is a breakdown, not a
-    # solution: on the unit-diagonal Gramian its unridged pivots fall below sqrt(eps)
-    # (with reg_eps=1e-4 they stay above ~1e-4), and a ridged solve that amplified
-    # roundoff leaves a residual on F far above roundoff.
-    tol = jnp.sqrt(eps(gramian.dtype))
-    singular = ~(pivot > tol) & (ridge == 0)
-    broken = singular | ~(_free_residual(gramian, lower, free, slack) <= tol)
-    return jnp.where(broken[:, None], 0.0, slack), broken
-
-
-def _free_residual(gramian, lower, free, slack):
-    # On F the multiplier G(u + s) must vanish; one GEMM for all lanes. Relative size
-    # per lane.
-    multiplier = jnp.where(free, (lower + slack) @ gramian, 0.0)
-    return relative_size(multiplier, lower + slack)
-
-
 def _inverse(gramian):
-    r"""$H = G^{-1}$, and whether G is far enough from singular for reduced solves on
-    $H$ (its Cholesky pivots above $\sqrt{\epsilon}$ on the unit-diagonal Gramian)."""
+    r"""$H = G^{-1}$, and whether G is far enough from singular for solves on $H$ (its
+    Cholesky pivots above $\sqrt{\epsilon}$)."""
     m = gramian.shape[0]
     factor = jnp.linalg.cholesky(gramian)
     # H = Z^T Z with Z = L^{-1}: one triangular solve and one GEMM.
@@ -121,41 +93,13 @@ def _solve_reduced(pair, lower, conflict, free):
     return slack, multiplier, broken
 
 
-def _grow_ridge(ridge, broken, m):
-    # Factorisations start unridged (no bias); a breakdown retries that lane at a
-    # tiny ridge, then 1e4 and 1e8 times larger.
-    bigger = jnp.where(ridge == 0, 4 * m * eps(ridge.dtype), ridge * 1e4)
-    return jnp.where(broken, bigger, ridge)
-
-
-def _polish(gramian, lower, free, slack, ridge):
-    """Iterative refinement against the unridged system where it can matter: lanes
-    whose ridge grew past the first retry level (a bias above roundoff), or whose
-    residual is above roundoff. Not elsewhere: on a singular G_FF refinement moves s
-    along the null space (harmless to J^T v, but not to the clamp s >= 0)."""
-    m = gramian.shape[0]
-
-    size = ft.partial(_free_residual, gramian, lower, free)
-    before = size(slack)
-    roundoff = 4 * m * eps(gramian.dtype)
-    needed = (ridge > roundoff) | (before > 25 * roundoff)
-
-    def refine(slack):
-        factor, system, rhs = factor_free_set(gramian, lower, free, ridge)
-        refined = refine_solution(factor, system, rhs, slack, 2)
-        better = needed & (size(refined) < before)
-        return jnp.where(better[:, None], refined, slack)
-
-    return lax.cond(jnp.any(needed), refine, lambda s: s, slack)
-
-
 def _lane_batches(k: int) -> list[int]:
-    # Fixed batch sizes k/8, k/4, k/2 (at least 4 lanes each), then all k.
-    sizes = sorted({size for size in (k // 8, k // 4, k // 2) if 4 <= size < k})
-    return sizes + [k]
+    # A batch of k/4 lanes (at least 4), then all k. Every size is one more copy of
+    # the solve to compile; after the first round or two few lanes are left.
+    return ([k // 4] if k // 4 >= 4 else []) + [k]
 
 
-def _on_active_lanes(solve, inputs, outputs, active, every_lane=False):
+def _on_active_lanes(solve, inputs, outputs, active):
     """`outputs` with the `active` lanes replaced by `solve(*inputs)` on those lanes.
 
     After the first round fewer and fewer lanes still pivot: only those are solved,
@@ -183,59 +127,18 @@ def _on_active_lanes(solve, inputs, outputs, active, every_lane=False):
         new = solve(*inputs)
         return jax.tree.map(lambda out, n: merge(out, n, active), outputs, new)
 
-    if every_lane or len(sizes) == 1:
+    if len(sizes) == 1:
         return every(inputs)
     branch = jnp.searchsorted(jnp.array(sizes), jnp.sum(active))
     return lax.switch(branch, [gathered(size) for size in sizes[:-1]] + [every], inputs)
 
 
-def _solve_retrying(g, u, free, ridge, slack, active, every_lane=False):
-    """Solves the `active` lanes on their partitions `free`. A lane whose G_FF is
-    singular (reg_eps=0 on a rank-deficient J) is solved again at a growing ridge;
-    returns the slacks, the lanes still broken after that, and the ridges."""
-    m = g.shape[0]
-
-    def solve(u, free, ridge):
-        return _solve_lanes(g, u, free, ridge)
-
-    def attempt(ridge, slack, lanes, every_lane=False):
-        outputs = (slack, jnp.zeros_like(lanes))
-        return _on_active_lanes(solve, (u, free, ridge), outputs, lanes, every_lane)
-
-    def again(carry):
-        slack, broken, ridge, tries = carry
-        ridge = _grow_ridge(ridge, broken, m)
-        slack, broken = attempt(ridge, slack, broken)
-        return slack, broken, ridge, tries + 1
-
-    def cond(carry):
-        return jnp.any(carry[1]) & (carry[3] < _RETRIES)
-
-    slack, broken = attempt(ridge, slack, active, every_lane)
-    slack, broken, ridge, _ = lax.while_loop(
-        cond, again, (slack, broken, ridge, jnp.array(0))
-    )
-    return slack, broken, ridge
-
-
 def _next_partition(state):
-    """Block principal pivoting's exchange rule, with Murty's rule as the backup.
-
-    Returns the partitions to solve next, the lanes to solve (pending or infeasible)
-    and the updated counters."""
-    count = jnp.sum(state.infeasible, axis=-1)
-    flipping = count > 0
-    improved = flipping & (count < state.best)
-    use_budget = flipping & ~improved & (state.budget > 0)
-    best = jnp.where(improved, count, state.best)
-    budget = jnp.where(
-        improved, _BUDGET, jnp.where(use_budget, state.budget - 1, state.budget)
+    """The partitions to solve next, the lanes to solve (pending or infeasible) and
+    the updated counters."""
+    free, flipping, best, budget = exchange(
+        state.free, state.infeasible, state.best, state.budget
     )
-    full = improved | use_budget
-    index = jnp.arange(state.free.shape[-1])[None, :]
-    largest = jnp.max(jnp.where(state.infeasible, index, -1), axis=-1)
-    flip = jnp.where(full[:, None], state.infeasible, index == largest[:, None])
-    free = state.free ^ (flip & flipping[:, None])
     return free, flipping | state.pending, best, budget
 
 
@@ -252,7 +155,7 @@ class _Problem(NamedTuple):
     conflict: Float[Array, "k m"] | None = None
 
 
-def _reduced_round(problem, state, first=False):
+def _reduced_round(problem, state):
     """One exchange, then reduced solves (primal or dual, at most m/2 unknowns)."""
     free, active, best, budget = _next_partition(state)
 
@@ -261,7 +164,7 @@ def _reduced_round(problem, state, first=False):
 
     outputs = (state.slack, jnp.zeros_like(state.slack), jnp.zeros_like(active))
     inputs = (problem.u, problem.conflict, free)
-    slack, multiplier, broken = _on_active_lanes(solve, inputs, outputs, active, first)
+    slack, multiplier, broken = _on_active_lanes(solve, inputs, outputs, active)
     # A broken lane keeps its last partition, unsolved, for the full-size phase.
     free = jnp.where(broken[:, None], state.free, free)
     infeasible = _infeasible(free, slack, multiplier, problem.tol)
@@ -278,26 +181,26 @@ def _reduced_round(problem, state, first=False):
     )
 
 
-def _full_round(problem, state, first=False):
-    """One exchange, then full-size masked solves with ridge retries."""
+def _full_round(problem, state):
+    """One exchange, then full-size masked solves of every lane (a fallback for many
+    lanes, so not gathered: one copy of the solve to compile)."""
     g, u, tol = problem.g, problem.u, problem.tol
     free, active, best, budget = _next_partition(state)
-    slack, broken, ridge = _solve_retrying(
-        g, u, free, state.ridge, state.slack, active, first
-    )
-    # A lane that breaks down even at the largest ridge keeps its partition.
+    slack = jnp.where(active[:, None], solve_on_free_set(g, u, free), state.slack)
+    # A lane that breaks down even with a ridge stops, with its last partition.
+    broken = active & ~jnp.all(jnp.isfinite(slack), axis=-1)
     free = jnp.where(broken[:, None], state.free, free)
     slack = jnp.where(broken[:, None], state.slack, slack)
-    infeasible = _infeasible(free, slack, (u + slack) @ g, tol) | broken[:, None]
+    infeasible = _infeasible(free, slack, (u + slack) @ g, tol)
     return dataclasses.replace(
         state,
         free=free,
         slack=slack,
-        infeasible=infeasible & active[:, None],
+        infeasible=infeasible & (active & ~broken)[:, None],
         pending=state.pending & ~active,
         best=best,
         budget=budget,
-        ridge=ridge,
+        broken=state.broken | broken,
         step=state.step + 1,
     )
 
@@ -307,16 +210,18 @@ def block_pivoting(
     u: Float[Array, "k m"],
     free: Bool[Array, "k m"],
     max_steps: int,
-) -> tuple[Float[Array, "k m"], Bool[Array, ""]]:
-    """Block principal pivoting from the partition `free`, on a Jacobi-scaled problem.
+    inverse: tuple[Float[Array, "m m"], Bool[Array, ""]] | None = None,
+) -> tuple[Float[Array, "k m"], Bool[Array, ""], Bool[Array, ""]]:
+    r"""Block principal pivoting from the partitions `free`, with direct solves.
 
-    With at least `_REDUCED_MIN_LANES` lanes and $G$ safely positive definite, the
-    first half of `max_steps` uses reduced solves (see `_solve_reduced`); the rest,
-    and everything otherwise (a singular $G$ with `reg_eps=0`, a breakdown, a cycle
-    on roundoff), full-size masked solves with ridge retries. Both phases share the
-    exchange rule, so the second one continues where the first stopped.
+    With `inverse` ($G^{-1}$ and whether it is safe, for at least `_REDUCED_MIN_LANES`
+    lanes), the first half of `max_steps` uses reduced solves (see `_solve_reduced`);
+    the rest, and everything otherwise (a breakdown, a cycle on roundoff), full-size
+    masked solves. Both phases share the exchange rule, so the second one continues
+    where the first stopped.
 
-    Returns the solutions $u + s$ and whether every lane finished.
+    Returns the solutions $u + s$, whether every lane finished, and whether one broke
+    down.
     """
     k, m = u.shape
     dtype = g.dtype
@@ -326,71 +231,55 @@ def block_pivoting(
         infeasible=jnp.zeros((k, m), bool),
         pending=jnp.ones((k,), bool),
         best=jnp.full((k,), m + 1),
-        budget=jnp.full((k,), _BUDGET),
-        ridge=jnp.zeros((k,), dtype),
+        budget=jnp.full((k,), 3),
+        broken=jnp.zeros((k,), bool),
         step=jnp.array(0),
         stuck=jnp.array(False),
     )
     tol = 10 * eps(dtype)
-    full = ft.partial(_full_round, _Problem(g, u, tol))
-    # The first round solves every lane: no loop and no lane gathering.
-    if k >= _REDUCED_MIN_LANES:
-        inverse, reduced_ok = _inverse(g)
-        pair = jnp.stack([g, inverse])
-        reduced = ft.partial(_reduced_round, _Problem(g, u, tol, pair, -(u @ g)))
-        # Without a safe H the round is discarded and the full-size phase starts from
-        # scratch (a select, not a cond: under vmap a cond would run both branches).
-        state = reduced(init, first=True)
-        state = jax.tree.map(lambda a, b: jnp.where(reduced_ok, a, b), state, init)
+    state = init
+    if inverse is not None:
+        h, safe = inverse
+        reduced = _Problem(g, u, tol, jnp.stack([g, h]), -(u @ g))
 
         def reduced_cond(state):
             steps_left = state.step < max(max_steps // 2, 1)
-            return reduced_ok & ~state.stuck & _unfinished(state) & steps_left
+            return safe & ~state.stuck & _unfinished(state) & steps_left
 
-        state = lax.while_loop(reduced_cond, reduced, state)
-    else:
-        state = full(init, first=True)
+        state = lax.while_loop(
+            reduced_cond, lambda s: _reduced_round(reduced, s), state
+        )
 
     def full_cond(state):
         return _unfinished(state) & (state.step < max_steps)
 
-    final = lax.while_loop(full_cond, full, state)
-    slack = _polish(g, u, final.free, final.slack, final.ridge)
-    slack = jnp.where(final.free, jnp.maximum(slack, 0.0), 0.0)
-    return u + slack, ~_unfinished(final)
+    full = _Problem(g, u, tol)
+    final = lax.while_loop(full_cond, lambda s: _full_round(full, s), state)
+    slack = jnp.where(final.free, jnp.maximum(final.slack, 0.0), 0.0)
+    return u + slack, ~_unfinished(final), jnp.any(final.broken)
 
 
 class BPP(AbstractQPSolver):
     r"""Block principal pivoting with Murty's backup rule (Júdice & Pires; Kim & Park).
 
     Each lane solves the LCP $s \geq 0$, $w = \hat G(\hat u + s) \geq 0$,
-    $s^\top w = 0$ on the Jacobi-scaled Gramian $\hat G = D G D$,
-    $D = \operatorname{diag}(G)^{-1/2}$. A lane holds a guess $F$ of the free set
-    $\{s > 0\}$, solves $\hat G_{FF} s_F = -(\hat G \hat u)_F$ exactly (a fixed-shape
-    masked Cholesky), and exchanges every infeasible index ($s_j < 0$ on $F$, $w_j < 0$
-    off $F$) between $F$ and its complement. When the number of infeasible indices has
-    not decreased for three steps, only the largest infeasible index is exchanged
-    (Murty's rule), which terminates finitely for the positive definite Gramian. The
-    cold start is $F = \{j : (\hat G \hat u)_j < 0\}$, the rows that conflict.
+    $s^\top w = 0$. A lane holds a guess $F$ of the free set $\{s > 0\}$, solves
+    $\hat G_{FF} s_F = -(\hat G \hat u)_F$ exactly, and exchanges every infeasible
+    index ($s_j < 0$ on $F$, $w_j < 0$ off $F$) between $F$ and its complement. When
+    the number of infeasible indices has not decreased for three steps, only the
+    largest infeasible index is exchanged (Murty's rule), which terminates finitely
+    for the positive definite Gramian. The cold start is
+    $F = \{j : (\hat G \hat u)_j < 0\}$, the rows that conflict.
 
     All lanes run with a done mask; pivoting stops when every lane has an empty
-    infeasible set (typically 1 to 6 steps) or at `max_steps`. Each step factorises
-    only the lanes still pivoting (gathered into batches of $k/8$, $k/4$, $k/2$ or $k$
-    lanes), and the Cholesky factor of the system bordered by its right-hand side
-    gives the forward substitution for free.
-
-    Each solve has at most $m/2$ unknowns. Since $|F| + |A| = m$, a lane with
-    $|F| \leq m/2$ solves $\hat G_{FF} s_F = -(\hat G \hat u)_F$, and any other lane
-    solves the dual system $H_{AA} \lambda_A = \hat u_A$ with $H = \hat G^{-1}$
-    (computed once), which gives the multipliers $\lambda_A$ and $v = H \lambda$.
-    Both are exact on the same partition; on CPU a LAPACK Cholesky of half the size
-    costs 3-5x less. This needs $\hat G$ safely positive definite (Cholesky pivots
-    above $\sqrt{\epsilon}$; in float64 always so with the default `reg_eps`).
-    Otherwise, and for whatever is left after half of `max_steps` (a breakdown, or a
-    cycle on roundoff), pivoting continues with full-size masked solves: unridged at
-    first, a (nearly) singular $\hat G_{FF}$ (`reg_eps=0` on a rank-deficient
-    Jacobian) is retried at a growing ridge, then refined against the unridged
-    system. For $m \leq 2$ all free sets are enumerated instead (exact, no loop).
+    infeasible set (typically 1 to 6 steps) or at `max_steps`. With at least 8 lanes
+    (UPGrad), every solve has at most $m/2$ unknowns: a lane with $|F| \leq m/2$
+    solves on $F$, any other the dual system $H_{AA} \lambda_A = \hat u_A$ on its
+    active set, with $H = \hat G^{-1}$ computed once (on CPU a Cholesky of half the
+    size costs 3-5x less). Each step factorises only the lanes still pivoting,
+    gathered into a batch of $k/4$ lanes when they fit. Fewer lanes (DualProj has one)
+    use full-size masked solves, as does whatever is left after half of `max_steps`
+    (a breakdown, or a cycle on rounding).
 
     Júdice & Pires, *A block principal pivoting algorithm for large-scale strictly
     monotone linear complementarity problems*, Comput. Oper. Res. 21(5), 1994.
@@ -402,21 +291,22 @@ class BPP(AbstractQPSolver):
 
     def __check_init__(self):
         if self.max_steps is not None and self.max_steps < 1:
-            raise ValueError(f"`max_steps` must be at least 1; got {self.max_steps}.")
+            raise ValueError(
+                f"`max_steps` must be None or at least 1; got {self.max_steps}."
+            )
 
     def solve(
         self, gramian: Float[Array, "m m"], lower: Float[Array, "k m"]
     ) -> tuple[Float[Array, "k m"], RESULTS]:
         k, m = lower.shape
-        g, u, d = jacobi_scale(gramian, lower)
-        if m <= 2:
-            return solve_by_enumeration(g, u, d)
+        g, u = gramian, lower
         max_steps = 10 * m + 10 if self.max_steps is None else self.max_steps
-        solution, finished = block_pivoting(g, u, (u @ g) < 0, max_steps)
-        solution = solution * d
+        free = (u @ g) < 0
+        inverse = _inverse(g) if k >= _REDUCED_MIN_LANES else None
+        solution, finished, broken = block_pivoting(g, u, free, max_steps, inverse)
         finite = jnp.all(jnp.isfinite(solution))
         result = RESULTS.where(finished, RESULTS.successful, RESULTS.max_steps_reached)
-        result = RESULTS.where(finite, result, RESULTS.kkt_check_failed)
+        result = RESULTS.where(finite & ~broken, result, RESULTS.kkt_check_failed)
         return solution, result
 
 
@@ -426,5 +316,3 @@ BPP.__init__.__doc__ = """**Arguments:**
     $10m + 10$. Reaching it gives `RESULTS.max_steps_reached`. Reduced solves use at
     most the first half; full-size solves continue from there.
 """
-
-register_solver("bpp", BPP)

@@ -2,39 +2,24 @@ r"""Shared pieces of the dual-cone QP solvers.
 
 Every solver works on the LCP form of $\min_{v \geq u} \frac12 v^\top G v$: with
 $s = v - u$, find $s \geq 0$ with $w = G(u + s) \geq 0$ and $s \circ w = 0$. Lanes are
-the rows of `(k, m)` arrays, so a product with $G$ is one GEMM for all lanes.
+the rows of `(k, m)` arrays, so a product with $G$ is one GEMM for all lanes. $G$ is
+the canonical Gramian of `AbstractQPSolver` (positive definite, unit diagonal).
 """
-
-import itertools as it
 
 import jax.lax as lax
 import jax.numpy as jnp
-import numpy as np
-from jaxtyping import Array, Bool, Float
+from jaxtyping import Array, Bool, Float, Int
 
 from .. import _linalg as linalg
-from .._results import RESULTS
 
 
 def eps(dtype: jnp.dtype) -> float:
     return float(jnp.finfo(dtype).eps)
 
 
-def jacobi_scale(
-    gramian: Float[Array, "m m"], lower: Float[Array, "k m"]
-) -> tuple[Float[Array, "m m"], Float[Array, "k m"], Float[Array, "1 m"]]:
-    r"""Exact Jacobi scaling: $\hat G = D G D$, $\hat u = D^{-1} u$, $v = D \hat v$.
-
-    With $D = \operatorname{diag}(G)^{-1/2}$ every coordinate has unit scale, so a
-    single sign-test tolerance fits all of them. A zero diagonal entry (a zero row of
-    $G$, possible with `reg_eps=0`) keeps the scale 1.
-    """
-    diag = jnp.diagonal(gramian)
-    positive = diag > 0
-    d = jnp.where(positive, lax.rsqrt(jnp.where(positive, diag, 1.0)), 1.0)
-    scaled = gramian * d[:, None] * d[None, :]
-    d = d[None, :]
-    return scaled, lower / d, d
+def kkt_tolerance(dtype: jnp.dtype) -> float:
+    """Acceptance bound on the relative natural KKT residual (canonical problem)."""
+    return 1e-9 if jnp.dtype(dtype) == jnp.float64 else 1e-4
 
 
 def members_first(mask: Bool[Array, "*k m"]) -> Array:
@@ -80,6 +65,31 @@ def natural_residual(
     return relative_size(jnp.minimum(solution - lower, solution @ gramian), solution)
 
 
+def exchange(
+    free: Bool[Array, "k m"],
+    infeasible: Bool[Array, "k m"],
+    best: Int[Array, " k"],
+    budget: Int[Array, " k"],
+) -> tuple[Bool[Array, "k m"], Bool[Array, " k"], Int[Array, " k"], Int[Array, " k"]]:
+    """Block principal pivoting's exchange rule, with Murty's rule as the backup.
+
+    Every infeasible index changes sides while their number keeps decreasing (or for
+    three more rounds); after that only the largest one does, which terminates finitely
+    for a positive definite matrix. Returns the new partitions, the lanes that changed
+    and the updated counters."""
+    count = jnp.sum(infeasible, axis=-1)
+    flipping = count > 0
+    improved = flipping & (count < best)
+    use_budget = flipping & ~improved & (budget > 0)
+    best = jnp.where(improved, count, best)
+    budget = jnp.where(improved, 3, jnp.where(use_budget, budget - 1, budget))
+    whole = improved | use_budget
+    index = jnp.arange(free.shape[-1])[None, :]
+    largest = jnp.max(jnp.where(infeasible, index, -1), axis=-1)
+    flip = jnp.where(whole[:, None], infeasible, index == largest[:, None])
+    return free ^ (flip & flipping[:, None]), flipping, best, budget
+
+
 def masked_system(
     gramian: Float[Array, "m m"], free: Bool[Array, "k m"]
 ) -> Float[Array, "k m m"]:
@@ -88,6 +98,13 @@ def masked_system(
     eye = jnp.eye(m, dtype=gramian.dtype)
     both = free[:, :, None] & free[:, None, :]
     return jnp.where(both, gramian[None], eye[None])
+
+
+def free_rhs(
+    gramian: Float[Array, "m m"], lower: Float[Array, "k m"], free: Bool[Array, "k m"]
+) -> Float[Array, "k m"]:
+    """$-(G u)_F$, and 0 off $F$."""
+    return jnp.where(free, -(lower @ gramian), 0.0)
 
 
 def cho_solve(
@@ -111,7 +128,8 @@ def bordered_solve(
     comes with the factorisation and only one triangular solve is left (on CPU each
     batched triangular solve is one LAPACK call per lane, as costly as the
     factorisation for small m). The corner $c$ only has to exceed $b^\top A^{-1} b$.
-    A lane whose factorisation breaks down returns non-finite values.
+    Returns the solutions and the smallest pivot of each lane; a lane whose
+    factorisation breaks down returns non-finite values.
     """
     k, m = rhs.shape
     dtype = rhs.dtype
@@ -131,111 +149,31 @@ def bordered_solve(
     return x[:, 0, :m], jnp.min(pivots, axis=-1, initial=jnp.inf)
 
 
-def factor_free_set(
-    gramian: Float[Array, "m m"],
-    lower: Float[Array, "k m"],
-    free: Bool[Array, "k m"],
-    ridge: Float[Array, " k"],
-) -> tuple[Float[Array, "k m m"], Float[Array, "k m m"], Float[Array, "k m"]]:
-    """The masked system of `solve_on_free_set`, its right-hand side and the Cholesky
-    factor of the ridged system."""
-    system = masked_system(gramian, free)
-    rhs = free_rhs(gramian, lower, free)
-    return linalg.cholesky(add_ridge(system, free, ridge)), system, rhs
-
-
-def free_rhs(
-    gramian: Float[Array, "m m"], lower: Float[Array, "k m"], free: Bool[Array, "k m"]
-) -> Float[Array, "k m"]:
-    """$-(G u)_F$, and 0 off $F$."""
-    return jnp.where(free, -(lower @ gramian), 0.0)
-
-
-def add_ridge(
-    system: Float[Array, "k m m"], free: Bool[Array, "k m"], ridge: Float[Array, " k"]
-) -> Float[Array, "k m m"]:
-    eye = jnp.eye(system.shape[-1], dtype=system.dtype)
-    return system + jnp.where(free, ridge[:, None], 0.0)[:, :, None] * eye[None]
-
-
-def refine_solution(factor, system, rhs, s, steps: int):
-    """Iterative refinement against the unridged system with the ridged factor."""
-    for _ in range(steps):
-        residual = rhs - jnp.einsum("kij,kj->ki", system, s)
-        s = s + cho_solve(factor, residual)
-    return s
-
-
 def solve_on_free_set(
-    gramian: Float[Array, "m m"],
-    lower: Float[Array, "k m"],
-    free: Bool[Array, "k m"],
-    ridge: Float[Array, " k"],
-    refine: int = 2,
+    gramian: Float[Array, "m m"], lower: Float[Array, "k m"], free: Bool[Array, "k m"]
 ) -> Float[Array, "k m"]:
     r"""$s_F = -G_{FF}^{-1} (G u)_F$ and $s = 0$ off $F$, per lane, by masked Cholesky.
 
-    The factorisation is of $G_{FF} + \delta I$ with a tiny per-lane ridge $\delta$, so
-    it exists even when $G_{FF}$ is singular (`reg_eps=0` on a rank-deficient Jacobian;
-    the system is then consistent, since $(G u)_F \in \operatorname{range} G_{FF}$).
-    `refine` steps of iterative refinement against the unridged system remove the
-    ridge's bias. Lanes whose factorisation breaks down return non-finite values.
-    """
-    factor, system, rhs = factor_free_set(gramian, lower, free, ridge)
-    s = cho_solve(factor, rhs)
-    return refine_solution(factor, system, rhs, s, refine)
-
-
-def exact_on_free_set(
-    gramian: Float[Array, "m m"], lower: Float[Array, "k m"], free: Bool[Array, "k m"]
-) -> Float[Array, "k m"]:
-    """The exact solution $v = u + s$ for a guessed free set, with the guarded solve.
-
-    A lane whose factorisation fails at the smallest ridge is retried with a larger one.
-    """
-    k = lower.shape[0]
-    e = eps(gramian.dtype)
-    m = gramian.shape[0]
-    first = jnp.full((k,), 4 * m * e, gramian.dtype)
-    s = solve_on_free_set(gramian, lower, free, first)
-    ok = jnp.all(jnp.isfinite(s), axis=-1)
-
-    def _retry(s):
-        bigger = jnp.full((k,), jnp.sqrt(jnp.asarray(e, gramian.dtype)))
-        retry = solve_on_free_set(gramian, lower, free, bigger, refine=4)
-        return jnp.where(ok[:, None], s, retry)
-
-    s = lax.cond(jnp.all(ok), lambda s: s, _retry, s)
-    return lower + jnp.where(free, jnp.maximum(s, 0.0), 0.0)
-
-
-def enumerate_free_sets(
-    gramian: Float[Array, "m m"], lower: Float[Array, "k m"]
-) -> Float[Array, "k m"]:
-    r"""Exact solution for tiny $m$: try every one of the $2^m$ free sets.
-
-    Each lane keeps the candidate with the smallest natural KKT residual, which is the
-    solution (residual zero up to roundoff). No data-dependent loop.
+    $G_{FF}$ is a principal submatrix of a positive definite matrix, but a nearly
+    singular one can break down in rounding: such lanes are solved again with a ridge
+    of $4 m \epsilon$, then once more on the residual of the unridged system (one step
+    of iterative refinement, which removes most of the ridge's bias). Lanes that still
+    break down return non-finite values.
     """
     k, m = lower.shape
-    masks = np.array(list(it.product([False, True], repeat=m)), dtype=bool)  # (2^m, m)
-    n_sets = masks.shape[0]
-    free = jnp.asarray(np.repeat(masks, k, axis=0))  # (2^m * k, m)
-    lanes = jnp.tile(lower, (n_sets, 1))
-    candidates = exact_on_free_set(gramian, lanes, free)
-    residual = natural_residual(gramian, lanes, candidates)
-    residual = jnp.where(jnp.isfinite(residual), residual, jnp.inf)
-    residual = residual.reshape(n_sets, k)
-    best = jnp.argmin(residual, axis=0)
-    candidates = candidates.reshape(n_sets, k, m)
-    return jnp.take_along_axis(candidates, best[None, :, None], axis=0)[0]
+    system = masked_system(gramian, free)
+    rhs = free_rhs(gramian, lower, free)
+    slack, pivot = bordered_solve(system, rhs)
+    ok = (pivot > 0) & jnp.all(jnp.isfinite(slack), axis=-1)
 
+    def retry(slack):
+        ridge = 4 * m * eps(gramian.dtype)
+        eye = jnp.eye(m, dtype=gramian.dtype)
+        ridged = system + jnp.where(free, ridge, 0.0)[..., None] * eye[None]
+        first, _ = bordered_solve(ridged, rhs)
+        residual = rhs - jnp.einsum("kij,kj->ki", system, first)
+        correction, _ = bordered_solve(ridged, residual)
+        return jnp.where(ok[:, None], slack, first + correction)
 
-def solve_by_enumeration(
-    g: Float[Array, "m m"], u: Float[Array, "k m"], d: Float[Array, "1 m"]
-) -> tuple[Float[Array, "k m"], RESULTS]:
-    """The exact answer for tiny m (every solver's fast path for m <= 2), mapped back
-    from the Jacobi scaling `d`."""
-    solution = enumerate_free_sets(g, u) * d
-    ok = jnp.all(jnp.isfinite(solution))
-    return solution, RESULTS.where(ok, RESULTS.successful, RESULTS.kkt_check_failed)
+    slack = lax.cond(jnp.all(ok), lambda s: s, retry, slack)
+    return jnp.where(free, slack, 0.0)

@@ -5,13 +5,8 @@ from jaxtyping import Array, Bool, Float, Int
 
 from .._custom_types import ScalarLike
 from .._results import RESULTS
-from .base import AbstractQPSolver, register_solver
-from .common import (
-    exact_on_free_set,
-    jacobi_scale,
-    natural_residual,
-    solve_by_enumeration,
-)
+from .base import AbstractQPSolver
+from .common import natural_residual, solve_on_free_set
 
 
 class _PGDState(eqx.Module):
@@ -39,27 +34,27 @@ def _lipschitz(gramian: Float[Array, "m m"], iterations: int = 20) -> Float[Arra
     x = lax.fori_loop(0, iterations, power, x)
     rayleigh = x @ gramian @ x
     bound = jnp.minimum(gershgorin, 1.1 * rayleigh + 1e-3 * gershgorin)
-    # A zero Gramian (reg_eps = 0) has zero gradients; any finite step will do.
     return jnp.maximum(bound, jnp.finfo(gramian.dtype).tiny)
 
 
 class NesterovPGD(AbstractQPSolver):
     r"""Accelerated projected gradient with adaptive restart and an exact finish.
 
-    All lanes are the rows of one matrix $S$ of slacks $s = \hat v - \hat u \geq 0$ on
-    the Jacobi-scaled Gramian $\hat G$, so one step is one GEMM:
+    All lanes are the rows of one matrix $S$ of slacks $s = \hat v - \hat u \geq 0$,
+    so one step is one GEMM:
 
     $$S^+ = \max\big(0,\; Y - \eta (Y + \hat U) \hat G\big),$$
 
     with $\eta = 1/L$ from a power-iteration estimate capped by Gershgorin's bound,
     FISTA momentum, and a per-lane restart when
     $\langle Y - S^+, S^+ - S\rangle > 0$ (O'Donoghue & Candès). Every `check_every`
-    steps the relative KKT residual is tested, and the lanes whose support
-    $\{s > 0\}$ did not change since the last check are solved exactly on that support;
-    lanes whose exact solution passes the residual test are accepted, the others keep
-    iterating. Cheap per step ($2m^3$ flops for all lanes) but, on ill-conditioned
-    Gramians, hundreds of steps; [`eqxjd.BPP`][] is usually faster. For $m \leq 2$ all
-    free sets are enumerated instead.
+    steps, the lanes whose support $\{s > 0\}$ did not change since the last check are
+    solved exactly on that support (a masked Cholesky solve), and a lane is accepted
+    only through such an exact solve whose relative KKT residual passes `rtol`: the
+    iterates themselves only identify the support, so the answer is exact to
+    rounding, never to the tolerance of an iteration. Cheap per step ($2m^3$ flops for
+    all lanes) but, on ill-conditioned Gramians, hundreds of steps; [`eqxjd.BPP`][] is
+    usually faster.
 
     O'Donoghue & Candès, *Adaptive restart for accelerated gradient schemes*, Found.
     Comput. Math. 15, 2015. Beck & Teboulle, *A fast iterative shrinkage-thresholding
@@ -84,10 +79,8 @@ class NesterovPGD(AbstractQPSolver):
         self, gramian: Float[Array, "m m"], lower: Float[Array, "k m"]
     ) -> tuple[Float[Array, "k m"], RESULTS]:
         k, m = lower.shape
-        g, u, d = jacobi_scale(gramian, lower)
+        g, u = gramian, lower
         dtype = g.dtype
-        if m <= 2:
-            return solve_by_enumeration(g, u, d)
         if self.rtol is None:
             rtol = jnp.asarray(1e-10 if dtype == jnp.float64 else 1e-5, dtype)
         else:
@@ -125,33 +118,26 @@ class NesterovPGD(AbstractQPSolver):
                 pgd_step,
                 (state.slack, state.extrapolated, state.momentum),
             )
-            v = u + s
-            # Lanes that converged by iteration alone.
-            # Tested in the caller's coordinates (before Jacobi scaling).
-            iterate_ok = natural_residual(gramian, lower, v * d) <= rtol
             support = s > 0
             stable = jnp.all(support == state.support, axis=-1) & ~state.done
-            attempt = stable & ~iterate_ok
 
             def finish(_):
-                exact = exact_on_free_set(g, u, support)
-                ok = natural_residual(gramian, lower, exact * d) <= rtol
-                return exact, ok & attempt
+                exact = u + jnp.maximum(solve_on_free_set(g, u, support), 0.0)
+                ok = natural_residual(g, u, exact) <= rtol
+                return exact, ok & stable
 
-            exact, exact_ok = lax.cond(
-                jnp.any(attempt),
+            exact, accepted = lax.cond(
+                jnp.any(stable),
                 finish,
-                lambda _: (v, jnp.zeros((k,), bool)),
+                lambda _: (state.solution, jnp.zeros((k,), bool)),
                 None,
             )
-            newly = ~state.done & (iterate_ok | exact_ok)
-            candidate = jnp.where(exact_ok[:, None], exact, v)
-            solution = jnp.where(newly[:, None], candidate, state.solution)
+            solution = jnp.where(accepted[:, None], exact, state.solution)
             return _PGDState(
                 slack=s,
                 extrapolated=y,
                 momentum=t,
-                done=state.done | newly,
+                done=state.done | accepted,
                 solution=solution,
                 support=support,
                 step=state.step + self.check_every,
@@ -159,7 +145,7 @@ class NesterovPGD(AbstractQPSolver):
 
         final = lax.while_loop(cond, body, init)
         unfinished = u + final.slack
-        solution = jnp.where(final.done[:, None], final.solution, unfinished) * d
+        solution = jnp.where(final.done[:, None], final.solution, unfinished)
         result = RESULTS.where(
             jnp.all(final.done), RESULTS.successful, RESULTS.max_steps_reached
         )
@@ -170,12 +156,10 @@ class NesterovPGD(AbstractQPSolver):
 
 NesterovPGD.__init__.__doc__ = """**Arguments:**
 
-- `rtol`: acceptance bound on the relative natural KKT residual of a lane, on the
-    rescaled problem. `None` (default) means `1e-10` in float64 and `1e-5` in float32.
+- `rtol`: acceptance bound on the relative natural KKT residual of the exact solve on a
+    lane's support. `None` (default) means `1e-10` in float64 and `1e-5` in float32.
 - `max_steps`: the maximum number of gradient steps (static). Default `10_000`.
     Reaching it gives `RESULTS.max_steps_reached`.
 - `check_every`: the residual test and the exact finishing solve run every
     `check_every` steps (static). Default `10`.
 """
-
-register_solver("nesterov_pgd", NesterovPGD)

@@ -8,13 +8,9 @@ from jaxtyping import Array, Float
 from .. import _linalg as linalg
 from .._custom_types import ScalarLike
 from .._results import RESULTS
-from .base import AbstractQPSolver, register_solver
+from .base import AbstractQPSolver
 from .bpp import block_pivoting
-from .common import (
-    jacobi_scale,
-    natural_residual,
-    solve_by_enumeration,
-)
+from .common import natural_residual
 
 
 class QPax(AbstractQPSolver):
@@ -22,7 +18,7 @@ class QPax(AbstractQPSolver):
     vmapped over lanes, followed by an exact polishing step.
 
     Each lane solves $\min \frac12 \hat v^\top \hat G \hat v$ s.t.
-    $-\hat v \leq -\hat u$ on the Jacobi-scaled Gramian. qpax clamps its slacks and
+    $-\hat v \leq -\hat u$. qpax clamps its slacks and
     multipliers at $\sqrt{\epsilon}$, so it cannot reach a tight absolute tolerance;
     it is stopped at a moderate `solver_tol` and its free set
     $\{\hat v - \hat u > \lambda\}$ is then solved exactly (one masked Cholesky per
@@ -33,7 +29,6 @@ class QPax(AbstractQPSolver):
     reported convergence). Under `vmap` every lane runs until the slowest stops,
     and every lane factors its own KKT matrix at every iteration, so this solver is slow
     for large $m$; it is provided as an independent cross-check of [`eqxjd.BPP`][].
-    For $m \leq 2$ all free sets are enumerated instead.
 
     Tracy & Manchester, *On the differentiability of the primal-dual interior-point
     method*, 2024, [arXiv:2406.11749](https://arxiv.org/abs/2406.11749).
@@ -61,10 +56,8 @@ class QPax(AbstractQPSolver):
         import qpax
 
         k, m = lower.shape
-        g, u, d = jacobi_scale(gramian, lower)
+        g, u = gramian, lower
         dtype = g.dtype
-        if m <= 2:
-            return solve_by_enumeration(g, u, d)
         f64 = dtype == jnp.float64
         if self.solver_tol is None:
             # Above qpax's complementarity floor (slack and multiplier >= sqrt(eps)).
@@ -102,9 +95,8 @@ class QPax(AbstractQPSolver):
         # pivots when qpax identified it, a few exact exchanges otherwise.
         free = (x - u) > z
         polish_steps = 10 * m + 10 if self.polish_steps is None else self.polish_steps
-        polished, finished = block_pivoting(g, u, free, polish_steps)
-        solution = polished * d
-        ok = jnp.all(natural_residual(gramian, lower, solution) <= rtol) & finished
+        solution, finished, broken = block_pivoting(g, u, free, polish_steps)
+        ok = jnp.all(natural_residual(g, u, solution) <= rtol) & finished & ~broken
         failure = RESULTS.where(
             jnp.all(converged == 1), RESULTS.kkt_check_failed, RESULTS.max_steps_reached
         )
@@ -126,5 +118,3 @@ QPax.__init__.__doc__ = """**Arguments:**
     `None` (default) means $10m + 10$, so the polish always finishes (usually after 0
     steps); `0` accepts qpax's free set only if it passes the KKT check.
 """
-
-register_solver("qpax", QPax)
