@@ -42,7 +42,7 @@ from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 _COMPILES = [0]
 
 
-def _count_compiles(event, duration, **kwargs):
+def _count_compiles(event, duration_secs, **kwargs):
     if event == BACKEND_COMPILE_EVENT:
         _COMPILES[0] += 1
 

@@ -113,8 +113,10 @@ def make_nnx(key, dropout=0.0):
     # Non-trivial statistics and affine weights, so that passing them matters.
     model.norm.mean.set_value(jr.normal(kmean, (8,), F64))
     model.norm.var.set_value(jr.uniform(kvar, (8,), F64, 0.5, 2.0))
-    model.norm.scale.set_value(jr.uniform(kscale, (8,), F64, 0.5, 1.5))
-    model.norm.bias.set_value(0.1 * jr.normal(kbias, (8,), F64))
+    scale, bias = model.norm.scale, model.norm.bias
+    assert scale is not None and bias is not None  # use_scale, use_bias
+    scale.set_value(jr.uniform(kscale, (8,), F64, 0.5, 1.5))
+    bias.set_value(0.1 * jr.normal(kbias, (8,), F64))
     return model
 
 

@@ -1,9 +1,7 @@
-import functools as ft
-
 import equinox as eqx
 import jax.lax as lax
 import jax.numpy as jnp
-from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
+from jaxtyping import Array, ArrayLike, Bool, Float, Int, PRNGKeyArray
 
 from .._checks import (
     check_gramian,
@@ -54,10 +52,20 @@ class CRMOGMWeighting(AbstractStatefulWeighting):
     """
 
     weighting: AbstractWeighting | AbstractStatefulWeighting
-    alpha: ScalarLike = 0.9
-    initial_weights: Float[Array, " m"] | None = eqx.field(
-        default=None, converter=ft.partial(as_vector, name="initial_weights")
-    )
+    alpha: ScalarLike
+    initial_weights: Float[Array, " m"] | None
+
+    def __init__(
+        self,
+        weighting: AbstractWeighting | AbstractStatefulWeighting,
+        alpha: ScalarLike = 0.9,
+        initial_weights: Float[ArrayLike, " m"] | None = None,
+    ):
+        # Written out: the inherited abstract `reads` and `differentiable` are
+        # properties here, not constructor arguments.
+        self.weighting = weighting
+        self.alpha = alpha
+        self.initial_weights = as_vector(initial_weights, "initial_weights")
 
     def __check_init__(self):
         if not isinstance(
