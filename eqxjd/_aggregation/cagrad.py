@@ -198,12 +198,14 @@ def _cagrad_weights(
     # the convex hull of the rows contains 0). For c > 1 the exact minimiser has
     # |g_w| <= delta (c + 1) / (c - 1), with delta the distance from 0 to the hull
     # (perturbed by the ridge only to second order): below norm_eps, the exact
-    # weights are zero.
+    # weights are zero. A squared distance at rounding level (the normalised Gramian
+    # has trace 1) counts as 0: in float32 its square root is too coarse to compare.
     w_min = _simplex_qp(a, jnp.zeros_like(b), mean)
-    delta = jnp.sqrt(jnp.maximum(_quad(normalized, w_min, w_min), 0))
+    delta2 = jnp.maximum(_quad(normalized, w_min, w_min), 0)
     above_one = c > 1
     ratio = (c + 1) / jnp.where(above_one, c - 1, jnp.ones_like(c))
-    hull_zero = above_one & (delta * ratio < norm_eps)
+    in_hull = (jnp.sqrt(delta2) * ratio < norm_eps) | (delta2 <= 8 * m * eps)
+    hull_zero = above_one & in_hull
     large = (norm >= norm_eps) & ~hull_zero
     safe_norm = jnp.where(large, norm, jnp.ones_like(norm))
     return jnp.where(large, mean + (s / safe_norm) * w, jnp.zeros_like(w))
@@ -221,7 +223,9 @@ class CAGradWeighting(AbstractWeighting):
     \qquad \text{weights} = \frac1m \mathbf 1 + \frac{s}{\sqrt{w^{\star\top} G_n
     w^\star}}\, w^\star$$
 
-    (zero weights when $\sqrt{w^{\star\top} G_n w^\star} <$ `norm_eps`). TorchJD solves
+    (zero weights when $\sqrt{w^{\star\top} G_n w^\star} <$ `norm_eps`, and for
+    $c > 1$ when the convex hull of the rows contains $0$ to rounding, where the exact
+    $w^{\star\top} G_n w^\star$ is $0$). TorchJD solves
     this second-order cone program with cvxpy/CLARABEL; eqxjd solves it exactly in JAX
     (a scalar root search whose steps are exact on the support of $w$, around an
     active-set simplex QP; see the source), in float64 when x64 is enabled. For
