@@ -29,8 +29,10 @@ class Case:
 
     - `make(m)`: an instance for `m` objectives.
     - `kind`: "aggregator", "weighting" or "scalarizer".
-    - `differentiable`: gradients through the output are the derivative (checked against
-      finite differences); otherwise they are exactly zero.
+    - `differentiable`: `True`: gradients through the output are the derivative
+      (checked against finite differences); `False`: they are exactly zero; `None`:
+      the method defines its own gradient (FAMO, as TorchJD; compared with TorchJD in
+      test_reference.py), so only finiteness is generic.
     - `needs_key`: the method draws random numbers and requires `key=`.
     - `reads`: for weightings, the statistic built from a Jacobian ("gramian",
       "matrix" for the Jacobian itself, "rows" for weightings that only read `m`).
@@ -51,6 +53,9 @@ class Case:
       `rtol32`), relative to the largest entry.
     - `f32_rtol`: float32 output against float64 output, relative to the largest entry;
       `None` where the random draws depend on the dtype.
+    - `vmap_lanes`: the lanes of the generic vmap batch (two random, then zero,
+      rank-one and duplicate-rows inputs) compared with a loop; every lane must be
+      finite. FairGrad has no root on the rank-deficient lanes (only finiteness).
     - `fd_rtol`: tolerance of forward-mode derivatives against central finite
       differences (float64).
     - `table`: `False` for variants that only enter the scale property of
@@ -59,7 +64,7 @@ class Case:
 
     make: Callable[[int], Any]
     kind: str
-    differentiable: bool
+    differentiable: bool | None
     needs_key: bool = False
     reads: str = "gramian"
     rows: int = 3
@@ -74,6 +79,7 @@ class Case:
     rtol32: float = 1e-5
     f32_rtol: float | None = 1e-4
     fd_rtol: float = 1e-5
+    vmap_lanes: tuple[int, ...] = (0, 1, 2, 3, 4)
     table: bool = True
 
 
@@ -85,8 +91,8 @@ def _wt(make, differentiable, reads="gramian", **kw):
     return Case(make, "weighting", differentiable, reads=reads, **kw)
 
 
-def _sc(make, **kw):
-    return Case(make, "scalarizer", True, **kw)
+def _sc(make, differentiable=True, **kw):
+    return Case(make, "scalarizer", differentiable, **kw)
 
 
 def _pref(m):
@@ -105,7 +111,9 @@ CASES: dict[str, Case] = {
         lambda m: eqxjd.Krum(1), True, rows=4, min_rows=4, empty="error", degree=1
     ),
     "PCGrad": _agg(lambda m: eqxjd.PCGrad(), False, needs_key=True, degree=1),
-    "FairGrad": _agg(lambda m: eqxjd.FairGrad(1.0), False, degree=0, rtol=1e-9),
+    "FairGrad": _agg(
+        lambda m: eqxjd.FairGrad(1.0), False, degree=0, rtol=1e-9, vmap_lanes=(0, 1, 2)
+    ),
     "ConFIG": _agg(lambda m: eqxjd.ConFIG(), False, degree=1),
     "GradDrop": _agg(
         lambda m: eqxjd.GradDrop(),
@@ -193,7 +201,11 @@ CASES: dict[str, Case] = {
         lambda m: eqxjd.PCGradWeighting(), False, needs_key=True, degree=0
     ),
     "FairGradWeighting": _wt(
-        lambda m: eqxjd.FairGradWeighting(1.0), False, degree=-1, rtol=1e-9
+        lambda m: eqxjd.FairGradWeighting(1.0),
+        False,
+        degree=-1,
+        rtol=1e-9,
+        vmap_lanes=(0, 1, 2),
     ),
     "GradVacWeighting": _wt(lambda m: eqxjd.GradVacWeighting(), False, needs_key=True),
     "PCDWeighting": _wt(lambda m: eqxjd.PCDWeighting(), False),
@@ -251,7 +263,7 @@ CASES: dict[str, Case] = {
     "scalarization.UW": _sc(lambda m: sc.UW(m), nonfinite="ieee"),
     "scalarization.IMTLL": _sc(lambda m: sc.IMTLL(m), nonfinite="ieee"),
     "scalarization.DWA": _sc(lambda m: sc.DWA(), nonfinite="ieee"),
-    "scalarization.FAMO": _sc(lambda m: sc.FAMO(m), nonfinite="ieee"),
+    "scalarization.FAMO": _sc(lambda m: sc.FAMO(m), None, nonfinite="ieee"),
 }
 IDS = sorted(n for n in CASES if CASES[n].table)
 STATEFUL_TYPES = (
