@@ -1,4 +1,4 @@
-"""The optax adapter (issue 5): `eqxjd.as_optax`."""
+"""The optax adapter: `eqxjd.as_optax`."""
 
 import equinox as eqx
 import eqxjd

@@ -1,17 +1,15 @@
 """The guarantees of docs/reliability.md: what every public aggregator, weighting and
-scalarizer does with bad shapes and dtypes, NumPy input, m = 0, NaN and infinities,
-extreme scales, half precision, and the state after a non-finite step.
+scalarizer does with bad shapes and dtypes, NumPy input, NaN and infinities, extreme
+scales, half precision, and the state after a non-finite step (m = 0 and the other
+generic properties: test_generic.py).
 
-One table row per public class (`CASES`); `test_every_public_class_is_in_the_table`
-fails when a new public method is not covered. The scale and state properties are
+Driven by the registry of tests/registry.py (one entry per public class). The scale and
+state properties are
 checked with hypothesis (derandomized; shapes fixed so that each method compiles once
 per dtype, values varied).
 """
 
-import dataclasses
-import inspect
 import zlib
-from collections.abc import Callable
 from typing import Any, cast
 
 import equinox as eqx
@@ -20,13 +18,26 @@ import hypothesis
 import hypothesis.strategies as st
 import jax
 import jax.numpy as jnp
-import jax.random as jr
 import jaxtyping
 import numpy as np
 import pytest
 from eqxjd import scalarization as sc
 
 from .helpers import requires_x64, x64_enabled
+from .registry import (
+    Case,
+    CASES,
+    HOMOGENEOUS,
+    IDS,
+    jacobian as _jacobian,
+    KEY,
+    make_input as _input,
+    run as _run,
+    stat as _stat,
+    STATEFUL,
+    STATEFUL_TYPES,
+    step,
+)
 
 
 X64 = x64_enabled()
@@ -34,181 +45,7 @@ F32 = jnp.dtype(jnp.float32)
 F64 = jnp.dtype(jnp.float64)
 DTYPES = (F32, F64) if X64 else (F32,)
 HALF = (jnp.dtype(jnp.float16), jnp.dtype(jnp.bfloat16))
-KEY = jr.key(0)
 NORM_EPS = 1e-4
-
-
-@dataclasses.dataclass(frozen=True)
-class Case:
-    """One row of the reliability table.
-
-    - `make(m)`: an instance for `m` objectives.
-    - `kind`: "aggregator", "weighting" or "scalarizer".
-    - `reads`: for weightings, the statistic built from a Jacobian.
-    - `rows`, `cols`: the shape of the Jacobians used (`m < n`, full rank).
-    - `empty`: `m = 0` gives "zeros" (aggregators: `zeros(n)`; weightings: `(0,)`;
-      scalarizers: `0`), "nan" or "error" (`ValueError`).
-    - `nonfinite`: "all" (all-NaN output), "columns" (non-finite only in the affected
-      coordinate), "trimmed" (trimmed away), "previous" (NashMTL keeps its previous
-      weights), "ignored" (weightings that read only the number of rows), "ieee"
-      (scalarizers: a non-finite scalar).
-    - `degree`: the output at `c J` (weightings: at `c^2 G`) is `c^degree` times the
-      output at `J`, for every `c > 0`; `None` when not homogeneous.
-    - `cliff`: below `tr(G) < norm_eps` the output is that of Mean ("mean") or 0
-      ("zero").
-    - `half_exact`: half precision gives exactly the float32 result, cast back.
-    - `table`: `False` for variants that only enter the scale property (a class is
-      covered by its main row).
-    """
-
-    make: Callable[[int], Any]
-    kind: str
-    reads: str = "gramian"
-    rows: int = 3
-    cols: int = 5
-    empty: str = "zeros"
-    nonfinite: str = "all"
-    degree: float | None = None
-    cliff: str | None = None
-    half_exact: bool = True
-    table: bool = True
-
-
-def _agg(make, **kw):
-    return Case(make, "aggregator", **kw)
-
-
-def _wt(make, reads="gramian", **kw):
-    return Case(make, "weighting", reads=reads, **kw)
-
-
-def _sc(make, **kw):
-    return Case(make, "scalarizer", **kw)
-
-
-def _pref(m):
-    return jnp.arange(1.0, m + 1.0)
-
-
-CASES: dict[str, Case] = {
-    # Aggregators.
-    "UPGrad": _agg(lambda m: eqxjd.UPGrad(), degree=1, cliff="mean"),
-    "DualProj": _agg(lambda m: eqxjd.DualProj(), degree=1, cliff="mean"),
-    "MGDA": _agg(lambda m: eqxjd.MGDA(), degree=1),
-    "CAGrad": _agg(lambda m: eqxjd.CAGrad(0.5), degree=1, cliff="zero"),
-    "AlignedMTL": _agg(lambda m: eqxjd.AlignedMTL(), degree=1),
-    "IMTLG": _agg(lambda m: eqxjd.IMTLG(), degree=1),
-    "Krum": _agg(lambda m: eqxjd.Krum(1), rows=4, empty="error", degree=1),
-    "PCGrad": _agg(lambda m: eqxjd.PCGrad(), degree=1),
-    "FairGrad": _agg(lambda m: eqxjd.FairGrad(1.0), degree=0),
-    "ConFIG": _agg(lambda m: eqxjd.ConFIG(), degree=1),
-    "GradDrop": _agg(lambda m: eqxjd.GradDrop(), nonfinite="columns", degree=1),
-    "TrimmedMean": _agg(
-        lambda m: eqxjd.TrimmedMean(1), empty="error", nonfinite="trimmed", degree=1
-    ),
-    "Mean": _agg(lambda m: eqxjd.Mean(), nonfinite="columns", degree=1),
-    "Sum": _agg(lambda m: eqxjd.Sum(), nonfinite="columns", degree=1),
-    "Constant": _agg(lambda m: eqxjd.Constant(_pref(m)), nonfinite="columns", degree=1),
-    "Random": _agg(lambda m: eqxjd.Random(), nonfinite="columns", degree=1),
-    "GradVac": _agg(lambda m: eqxjd.GradVac()),
-    "GradVac_eps0": _agg(lambda m: eqxjd.GradVac(eps=0.0), degree=1, table=False),
-    "PCD": _agg(lambda m: eqxjd.PCD()),
-    "PCD_eps0": _agg(lambda m: eqxjd.PCD(eps=0.0), degree=1, table=False),
-    "ExcessMTL": _agg(lambda m: eqxjd.ExcessMTL()),
-    "NashMTL": _agg(
-        lambda m: eqxjd.NashMTL(max(m, 1)),
-        empty="error",
-        nonfinite="previous",
-        degree=0,
-    ),
-    "WeightedAggregator": _agg(
-        lambda m: eqxjd.WeightedAggregator(eqxjd.MGDAWeighting()),
-        degree=1,
-    ),
-    "StatefulWeightedAggregator": _agg(
-        lambda m: eqxjd.StatefulWeightedAggregator(
-            eqxjd.CRMOGMWeighting(eqxjd.MGDAWeighting())  # pyright: ignore[reportCallIssue]
-        ),
-        degree=1,
-    ),
-    # Weightings (degree: of the weights under G -> c^2 G).
-    "UPGradWeighting": _wt(
-        lambda m: eqxjd.UPGradWeighting(), degree=0, cliff="mean", half_exact=False
-    ),
-    "DualProjWeighting": _wt(
-        lambda m: eqxjd.DualProjWeighting(), degree=0, cliff="mean", half_exact=False
-    ),
-    "MGDAWeighting": _wt(lambda m: eqxjd.MGDAWeighting(), degree=0),
-    "CAGradWeighting": _wt(
-        lambda m: eqxjd.CAGradWeighting(0.5), degree=0, cliff="zero"
-    ),
-    "AlignedMTLWeighting": _wt(lambda m: eqxjd.AlignedMTLWeighting(), degree=0),
-    "IMTLGWeighting": _wt(lambda m: eqxjd.IMTLGWeighting(), degree=0),
-    "KrumWeighting": _wt(
-        lambda m: eqxjd.KrumWeighting(1), rows=4, empty="error", degree=0
-    ),
-    "PCGradWeighting": _wt(lambda m: eqxjd.PCGradWeighting(), degree=0),
-    "FairGradWeighting": _wt(lambda m: eqxjd.FairGradWeighting(1.0), degree=-1),
-    "GradVacWeighting": _wt(lambda m: eqxjd.GradVacWeighting()),
-    "PCDWeighting": _wt(lambda m: eqxjd.PCDWeighting()),
-    "MoDoWeighting": _wt(lambda m: eqxjd.MoDoWeighting()),
-    "SDMGradWeighting": _wt(lambda m: eqxjd.SDMGradWeighting()),
-    "ExcessMTLWeighting": _wt(lambda m: eqxjd.ExcessMTLWeighting(), reads="matrix"),
-    "CRMOGMWeighting": _wt(
-        lambda m: eqxjd.CRMOGMWeighting(eqxjd.MGDAWeighting()),  # pyright: ignore[reportCallIssue]
-        degree=0,
-    ),
-    "MeanWeighting": _wt(
-        lambda m: eqxjd.MeanWeighting(), reads="rows", nonfinite="ignored", degree=0
-    ),
-    "SumWeighting": _wt(
-        lambda m: eqxjd.SumWeighting(), reads="rows", nonfinite="ignored", degree=0
-    ),
-    "ConstantWeighting": _wt(
-        lambda m: eqxjd.ConstantWeighting(_pref(m)),
-        reads="rows",
-        nonfinite="ignored",
-        degree=0,
-    ),
-    "RandomWeighting": _wt(
-        lambda m: eqxjd.RandomWeighting(), reads="rows", nonfinite="ignored", degree=0
-    ),
-    # Scalarizers.
-    "scalarization.Mean": _sc(lambda m: sc.Mean(), empty="nan", nonfinite="ieee"),
-    "scalarization.Sum": _sc(lambda m: sc.Sum(), nonfinite="ieee"),
-    "scalarization.Constant": _sc(lambda m: sc.Constant(_pref(m)), nonfinite="ieee"),
-    "scalarization.Random": _sc(lambda m: sc.Random(), nonfinite="ieee"),
-    "scalarization.GeometricMean": _sc(lambda m: sc.GeometricMean(), nonfinite="ieee"),
-    "scalarization.COSMOS": _sc(lambda m: sc.COSMOS(1.0, _pref(m)), nonfinite="ieee"),
-    "scalarization.STCH": _sc(lambda m: sc.STCH(0.01, _pref(m)), nonfinite="ieee"),
-    "scalarization.PBI": _sc(lambda m: sc.PBI(5.0, _pref(m)), nonfinite="ieee"),
-    "scalarization.UW": _sc(lambda m: sc.UW(m), nonfinite="ieee"),
-    "scalarization.IMTLL": _sc(lambda m: sc.IMTLL(m), nonfinite="ieee"),
-    "scalarization.DWA": _sc(lambda m: sc.DWA(), nonfinite="ieee"),
-    "scalarization.FAMO": _sc(lambda m: sc.FAMO(m), nonfinite="ieee"),
-}
-IDS = sorted(n for n in CASES if CASES[n].table)
-STATEFUL_TYPES = (
-    eqxjd.AbstractStatefulAggregator,
-    eqxjd.AbstractStatefulWeighting,
-    sc.AbstractStatefulScalarizer,
-)
-PUBLIC_BASES = (
-    eqxjd.AbstractAggregator,
-    eqxjd.AbstractStatefulAggregator,
-    eqxjd.AbstractWeighting,
-    eqxjd.AbstractStatefulWeighting,
-    sc.AbstractScalarizer,
-    sc.AbstractStatefulScalarizer,
-)
-
-
-def _stateful(name):
-    return isinstance(CASES[name].make(CASES[name].rows), STATEFUL_TYPES)
-
-
-STATEFUL = [n for n in IDS if _stateful(n)]
-HOMOGENEOUS = sorted(n for n in CASES if CASES[n].degree is not None)
 
 
 @pytest.fixture
@@ -220,71 +57,8 @@ def no_jaxtyping():
     jaxtyping.config.update("jaxtyping_disable", False)
 
 
-# ---------------------------------------------------------------------------- inputs
-
-
-def _jacobian(seed: int, m: int, n: int) -> np.ndarray:
-    return np.random.default_rng(seed).standard_normal((m, n))
-
-
-def _stat(case: Case, jacobian: np.ndarray) -> np.ndarray:
-    """What `case` is called with, built in float64 NumPy from a Jacobian."""
-    if case.kind == "scalarizer":
-        return np.abs(jacobian[:, 0]) + 0.5  # positive losses
-    if case.kind == "weighting" and case.reads == "gramian":
-        return jacobian @ jacobian.T
-    return jacobian
-
-
-def _input(name: str, seed: int = 0, rows: int | None = None) -> np.ndarray:
-    case = CASES[name]
-    m = case.rows if rows is None else rows
-    return _stat(case, _jacobian(seed, m, case.cols))
-
-
-def _call(instance: Any, x: Any, state: Any, key: Any):
-    if isinstance(instance, sc.AbstractStatefulScalarizer):
-        return instance(x, state), state
-    if isinstance(instance, STATEFUL_TYPES):
-        return instance(x, state, key=key)
-    return instance(x, key=key), None
-
-
-# Eager calls run eqxjd's internally jitted kernels, so XLA compiles once per (class,
-# shape, dtype) and the hypothesis properties, which vary values only, reuse them.
-# `jit=True` runs the whole call under one outer jit (compiled once per class too).
-_jitted_call = eqx.filter_jit(_call)
-
-
-def _run(instance: Any, x: Any, state: Any = None, *, init_from=None, jit=False):
-    """`(output, new state or None)`, through the public call (`init` first when
-    `state` is None, from `init_from` if given)."""
-    if isinstance(instance, STATEFUL_TYPES) and state is None:
-        state = instance.init(x if init_from is None else init_from)
-    return (_jitted_call if jit else _call)(instance, x, state, KEY)
-
-
 def _as(x: np.ndarray, dtype) -> jax.Array:
     return jnp.asarray(np.asarray(x, np.float64).astype(dtype))
-
-
-# ------------------------------------------------------------------------ coverage
-
-
-def _public_classes():
-    for module, prefix in ((eqxjd, ""), (sc, "scalarization.")):
-        for name, obj in vars(module).items():
-            if name.startswith("_") or not inspect.isclass(obj):
-                continue
-            if issubclass(obj, PUBLIC_BASES) and not inspect.isabstract(obj):
-                if not name.startswith("Abstract"):
-                    yield prefix + name, obj
-
-
-def test_every_public_class_is_in_the_table():
-    covered = {type(case.make(case.rows)) for case in CASES.values()}
-    missing = [name for name, cls in _public_classes() if cls not in covered]
-    assert not missing, f"add a row to CASES (and to docs/reliability.md): {missing}"
 
 
 # -------------------------------------------------------------------- bad input
@@ -297,7 +71,7 @@ def test_bad_input_raises_value_error(name, no_jaxtyping):
     good = _input(name)
     bad = [good.astype(np.int32), good.astype(np.complex64)]
     if case.kind != "scalarizer":
-        bad.append(good[0])  # 1-D
+        bad += [good[0], good[None], good[0, 0]]  # 1-D, 3-D, 0-D
     if case.reads == "gramian" and case.kind == "weighting":
         bad.append(good[:, :2])  # not square
     for x in bad:
@@ -352,29 +126,6 @@ def test_numpy_input(name, no_jaxtyping):
     out = instance(x, *args, **kwargs)  # pyright: ignore[reportArgumentType]
     ref = instance(jnp.asarray(x), *args, **kwargs)
     assert eqx.tree_equal(out, ref, rtol=1e-6, atol=1e-6)
-
-
-# --------------------------------------------------------------------------- m = 0
-
-
-@pytest.mark.parametrize("name", IDS)
-def test_zero_objectives(name):
-    case = CASES[name]
-    x = _input(name, rows=0) if case.kind != "scalarizer" else np.zeros((0,))
-    if case.kind == "weighting" and case.reads == "gramian":
-        x = np.zeros((0, 0))
-    x = jnp.asarray(x, F32)
-    if case.empty == "error":
-        with pytest.raises(ValueError):
-            _run(case.make(0), x)
-        return
-    out, _ = _run(case.make(0), x)
-    expected = {"aggregator": (case.cols,), "weighting": (0,), "scalarizer": ()}
-    assert out.shape == expected[case.kind] and out.dtype == F32
-    if case.empty == "nan":
-        assert bool(jnp.isnan(out))
-    else:
-        np.testing.assert_array_equal(out, np.zeros(out.shape))
 
 
 # -------------------------------------------------------------------- NaN and inf
@@ -579,15 +330,7 @@ def test_scale_equivariance(name, dtype):
 # ----------------------------------------------------------- state recovery property
 
 
-@eqx.filter_jit
-def _jitted_step(instance, x, state):
-    if isinstance(instance, sc.DWA):
-        state = instance.update(state, x)
-        return instance(x, state), state
-    if isinstance(instance, sc.FAMO):
-        state = instance.update(state, x, 0.9 * x)
-        return instance(x, state), state
-    return _call(instance, x, state, KEY)
+_jitted_step = eqx.filter_jit(step)
 
 
 def _step(name, instance, x, state):
