@@ -83,15 +83,15 @@ class Case:
     table: bool = True
 
 
-def _agg(make, differentiable, **kw):
+def _agg(make, differentiable: bool | None, **kw):
     return Case(make, "aggregator", differentiable, **kw)
 
 
-def _wt(make, differentiable, reads="gramian", **kw):
+def _wt(make, differentiable: bool | None, reads="gramian", **kw):
     return Case(make, "weighting", differentiable, reads=reads, **kw)
 
 
-def _sc(make, differentiable=True, **kw):
+def _sc(make, differentiable: bool | None = True, **kw):
     return Case(make, "scalarizer", differentiable, **kw)
 
 
@@ -163,7 +163,7 @@ CASES: dict[str, Case] = {
     ),
     "StatefulWeightedAggregator": _agg(
         lambda m: eqxjd.StatefulWeightedAggregator(
-            eqxjd.CRMOGMWeighting(eqxjd.MGDAWeighting())  # pyright: ignore[reportCallIssue]
+            eqxjd.CRMOGMWeighting(eqxjd.MGDAWeighting())
         ),
         True,
         degree=1,
@@ -215,7 +215,7 @@ CASES: dict[str, Case] = {
         lambda m: eqxjd.ExcessMTLWeighting(), False, reads="matrix"
     ),
     "CRMOGMWeighting": _wt(
-        lambda m: eqxjd.CRMOGMWeighting(eqxjd.MGDAWeighting()),  # pyright: ignore[reportCallIssue]
+        lambda m: eqxjd.CRMOGMWeighting(eqxjd.MGDAWeighting()),
         True,
         degree=0,
     ),

@@ -57,8 +57,7 @@ def _pad(x, shape, value=0.0):
 
 @eqx.filter_jit
 def _run(agg, J, key):
-    weights = agg.weights(J, key=key) if hasattr(agg, "weights") else None
-    return weights, agg(J, key=key)
+    return agg.weights(J, key=key), agg(J, key=key)
 
 
 def test_pcgrad_published_values():
