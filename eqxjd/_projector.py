@@ -12,7 +12,13 @@ from ._custom_types import ScalarLike
 from ._misc import all_finite, solve_dtype
 from ._results import RESULTS
 from ._solver import AbstractQPSolver, BPP, NesterovPGD, QPax
-from ._solver.common import cho_solve, eps, kkt_tolerance, natural_residual
+from ._solver.common import (
+    cho_solve,
+    eps,
+    kkt_tolerance,
+    masked_system,
+    natural_residual,
+)
 
 
 SolverName: TypeAlias = Literal["bpp", "nesterov_pgd", "qpax"]
@@ -91,8 +97,11 @@ class DualConeProjector(eqx.Module):
     singular $\hat G$ (`reg_eps=0` on linearly dependent rows), whose Cholesky pivots
     fall below $10^{-8}$ ($10^{-5}$ in float32), is solved by proximal-point steps
     $v_{t+1} = \operatorname{argmin}_{v \geq u} \frac12 v^\top \hat G v +
-    \frac\delta2 \|v - v_t\|^2$ (each a positive definite QP for the solver), until the
-    KKT residual of the singular problem is at rounding level. Every lane's relative
+    \frac\delta2 \|v - v_t\|^2$ with a fixed $\delta = 10^{-2}$ (each a positive
+    definite QP for the solver), each followed by an exact active-set finish started
+    on the face the step found (Lawson & Hanson, with pseudo-inverse solves on the
+    free set), until the KKT residual of the singular problem is at rounding level
+    (usually after one step). Every lane's relative
     KKT residual is then checked (see [`eqxjd.DualConeSolution`][]) and the solution
     is mapped back. A Gramian that is not positive semi-definite gives
     `RESULTS.indefinite_gramian` and NaN.
@@ -223,14 +232,11 @@ def projector_from(
 # The canonical Gramian counts as singular below this Cholesky pivot. With the default
 # reg_eps = 1e-4 every pivot stays near 1e-4 or above, so the default never gets there.
 _SINGULAR_PIVOT = {"float64": 1e-8, "float32": 1e-5}
-# Ridge of the proximal-point steps, relative to the unit diagonal: the first one, then
-# the smallest one. A direction with eigenvalue lambda converges by delta / (lambda +
-# delta) per step, so delta shrinks (by 10) whenever a step gains less than 10x. The
-# first ridge keeps the subproblems as well conditioned as with the default reg_eps
-# (pivoting can cycle on rounding when they are not); a subproblem that fails anyway is
-# discarded and the ridge goes back up (by 10) for good.
-_PROXIMAL_RIDGE = {"float64": (1e-2, 1e-8), "float32": (1e-2, 1e-4)}
-_PROXIMAL_STEPS = 60
+# Ridge of the proximal-point steps, relative to the unit diagonal: fixed, so every
+# subproblem is as well conditioned as with the default reg_eps. The steps only have to
+# find the face of the solution; `_finish_on_face` then solves on it exactly.
+_PROXIMAL_RIDGE = 1e-2
+_PROXIMAL_STEPS = 40
 
 
 @eqx.filter_jit
@@ -351,19 +357,78 @@ def _closed_form(g_hat, lower):
     return jnp.take_along_axis(candidates, best[None, :, None], axis=0)[0]
 
 
+def _finish_on_face(g_hat, unit, v):
+    r"""An exact solution, by Lawson & Hanson's active-set method started on the face
+    of `v` (which a proximal step found).
+
+    With $F = \{v > u\}$ fixed, the minimisers on the face are the $v'$ with
+    $v'_A = u_A$ and $(\hat G v')_F = 0$. $\hat G_{FF}$ may be singular, but the system
+    is consistent (its null vectors $z$ have $z^\top \hat G_{F \cdot} = 0$), so the
+    nearest one is $v + c$, $c_F = -\hat G_{FF}^+ (\hat G v)_F$, by an
+    eigendecomposition whose rounding-level eigenvalues count as zero: the limit of
+    infinitely many proximal steps on the face. If it leaves $v \geq u$, the step
+    stops at the first bound it meets (the objective still decreases) and that index
+    leaves $F$; at the face's minimiser, the bound with the most negative multiplier
+    $(\hat G v)_j$, if any, joins $F$. Both repeat until the KKT conditions hold (at
+    most $3m$ steps).
+    """
+    k, m = unit.shape
+    dtype = g_hat.dtype
+    tolerance = 0.1 * kkt_tolerance(dtype)
+
+    def correction(v, free):
+        values, vectors = jnp.linalg.eigh(masked_system(g_hat, free))
+        # Rounding of an exactly singular Gramian leaves its null eigenvalues well
+        # below m * eps * (largest eigenvalue).
+        cut = m * eps(dtype) * jnp.max(values, axis=-1)
+        keep = values > cut[:, None]
+        inverse = jnp.where(keep, 1 / jnp.where(keep, values, 1.0), 0.0)
+        rhs = jnp.where(free, -(v @ g_hat), 0.0)
+        coefficients = jnp.einsum("kij,ki->kj", vectors, rhs) * inverse
+        return jnp.where(free, jnp.einsum("kij,kj->ki", vectors, coefficients), 0.0)
+
+    def body(carry):
+        v, free, done, step = carry
+        c = correction(v, free)
+        slack = v - unit
+        blocking = free & (slack + c <= 0)
+        blocked = jnp.any(blocking, axis=-1)
+        ratio = jnp.where(blocking, slack / jnp.where(blocking, -c, 1.0), jnp.inf)
+        alpha = jnp.minimum(jnp.min(ratio, axis=-1), 1.0)
+        first = blocking & (ratio <= alpha[:, None])
+        moved = jnp.maximum(jnp.where(first, unit, v + alpha[:, None] * c), unit)
+        # Optimal on the face: add the bound with the most negative multiplier, if any.
+        multiplier = jnp.where(free | blocked[:, None], jnp.inf, moved @ g_hat)
+        entering = jnp.argmin(multiplier, axis=-1)
+        more = jnp.min(multiplier, axis=-1) < -tolerance
+        added = more[:, None] & (jnp.arange(m)[None, :] == entering[:, None])
+        v = jnp.where(done[:, None], v, moved)
+        new_free = (free & ~first & (moved > unit)) | added
+        free = jnp.where(done[:, None], free, new_free)
+        return v, free, done | (~blocked & ~more), step + 1
+
+    def cond(carry):
+        _, _, done, step = carry
+        return ~jnp.all(done) & (step < 3 * m)
+
+    init = (v, v - unit > 0, jnp.zeros((k,), bool), jnp.array(0))
+    v, *_ = lax.while_loop(cond, body, init)
+    return v
+
+
 def _solve_canonical(solver, g_hat, unit, singular):
     r"""The solver on the canonical problem, or proximal-point steps around it when
     $\hat G$ is singular (the first step, from $v = 0$, is the plain solve when it
-    is not)."""
+    is not), each followed by an exact solve on the face it found."""
     k, m = unit.shape
     if m <= 2:
         return _closed_form(g_hat, unit), RESULTS.successful
     dtype = g_hat.dtype
     eye = jnp.eye(m, dtype=dtype)
-    first, smallest = _PROXIMAL_RIDGE[jnp.dtype(dtype).name]
     target = 1e-2 * kkt_tolerance(dtype)
+    delta = jnp.where(singular, jnp.asarray(_PROXIMAL_RIDGE, dtype), 0.0)
 
-    def proximal_step(v, delta):
+    def proximal_step(v):
         # argmin_{v >= u} 1/2 v^T G v + delta/2 |v - v_t|^2 is, with v = y + c and
         # (G + delta I) c = delta v_t, the canonical QP in y with bound u - c, whose
         # matrix is G + delta I, rescaled to a unit diagonal.
@@ -377,31 +442,28 @@ def _solve_canonical(solver, g_hat, unit, singular):
         return y * scale[:, None] + shift, result
 
     def body(carry):
-        previous, last, step, residual, delta, floor, _ = carry
-        v, result = proximal_step(previous, delta)
-        failed = result != RESULTS.successful
-        # The first step reports its own failure; a later failed subproblem is
-        # discarded (the KKT check judges the last accepted iterate).
-        keep = failed & (step > 0)
+        previous, last, step, residual, _ = carry
+        v, result = proximal_step(previous)
+        # The first step reports its own failure; a later failed subproblem ends the
+        # iteration (the KKT check judges the last accepted iterate).
+        keep = (result != RESULTS.successful) & (step > 0)
         v = jnp.where(keep, previous, v)
         result = RESULTS.where(keep, last, result)
-        new = jnp.where(keep, residual, jnp.max(natural_residual(g_hat, unit, v)))
-        floor = jnp.where(failed, jnp.minimum(10 * delta, first), floor)
-        slow = new > 0.1 * residual
-        # A failure at the first ridge, or a step at the floor that gains less than
-        # 2x (rounding level), ends the iteration.
-        stalled = (failed & (delta >= first)) | (
-            ~failed & (delta <= floor) & (new > 0.5 * residual)
-        )
-        delta = jnp.where(
-            failed,
-            floor,
-            jnp.where(slow, jnp.maximum(delta / 10, floor), delta),
-        )
-        return v, result, step + 1, new, delta, floor, stalled
+        lanes = natural_residual(g_hat, unit, v)
+
+        def finish():
+            finished = _finish_on_face(g_hat, unit, v)
+            better = natural_residual(g_hat, unit, finished) < lanes
+            return jnp.where(better[:, None], finished, v)
+
+        v = lax.cond(singular, finish, lambda: v)
+        new = jnp.max(natural_residual(g_hat, unit, v))
+        # A step that gains less than 10% (rounding level) ends the iteration too.
+        stalled = keep | ((step > 0) & (new > 0.9 * residual))
+        return v, result, step + 1, jnp.minimum(new, residual), stalled
 
     def cond(carry):
-        _, result, step, residual, _, _, stalled = carry
+        _, result, step, residual, stalled = carry
         more = singular & (residual > target) & ~stalled & (step < _PROXIMAL_STEPS)
         return (step == 0) | (more & (result == RESULTS.successful))
 
@@ -410,8 +472,6 @@ def _solve_canonical(solver, g_hat, unit, singular):
         RESULTS.successful,
         jnp.array(0),
         jnp.array(jnp.inf, dtype),
-        jnp.where(singular, jnp.asarray(first, dtype), 0.0),
-        jnp.asarray(smallest, dtype),
         jnp.array(False),
     )
     v, result, *_ = lax.while_loop(cond, body, init)

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import jax.random as jr
 import numpy as np
 import pytest
-from eqxjd._projector import to_solver
+from eqxjd._projector import SolverName, to_solver
 from eqxjd._solver.bpp import _inverse, _solve_reduced
 from eqxjd._solver.common import members_first, natural_residual, solve_on_free_set
 
@@ -149,8 +149,8 @@ _NESTEROV_SINGULAR = pytest.param(
     "nesterov_pgd",
     marks=pytest.mark.xfail(
         strict=True,
-        reason="NesterovPGD's proximal-point subproblems hit max_steps on singular "
-        "low-rank Gramians (known defect)",
+        reason="NesterovPGD as the proximal-point subproblem solver still fails on the "
+        "low-rank and duplicated-row Gramians of these tests (known defect)",
     ),
 )
 
@@ -429,18 +429,19 @@ def test_nonfinite_does_not_hang():
 
 def test_names_and_instances_agree():
     jacobian = _kinds(jr.key(5))["conflicting"]
-    for name, cls in (
+    pairs: tuple[tuple[SolverName, type[eqxjd.AbstractQPSolver]], ...] = (
         ("bpp", eqxjd.BPP),
         ("nesterov_pgd", eqxjd.NesterovPGD),
         ("qpax", eqxjd.QPax),
-    ):
+    )
+    for name, cls in pairs:
         assert isinstance(to_solver(name), cls)
         by_name = eqx.filter_jit(eqxjd.UPGrad(solver=name))(jacobian)
         by_instance = eqx.filter_jit(eqxjd.UPGrad(solver=cls()))(jacobian)
         assert jnp.array_equal(by_name, by_instance), name
     # The jaxtyping hook may reject the name first (TypeError).
     with pytest.raises((TypeError, ValueError)):
-        to_solver("cvxpy")
+        to_solver("cvxpy")  # pyright: ignore[reportArgumentType]
     with pytest.raises((TypeError, ValueError)):
         eqxjd.UPGrad(solver="cvxpy")  # pyright: ignore[reportArgumentType]
 
