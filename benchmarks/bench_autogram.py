@@ -5,8 +5,9 @@ Instance-wise risk minimisation (one loss per sample) with UPGrad on an MLP
 
 - `gramian`: `eqxjd.filter_value_and_aggregate(losses, eqxjd.UPGrad(),
   strategy=eqxjd.PerSampleGramian(method="gradients", chunk_size=32))`: per-sample
-  gradients of 32 samples at a time, G's entries from JVPs in their directions (dense model: the forward
-  strategy), the update as one VJP. The (B, n) Jacobian is never formed.
+  gradients of 32 samples at a time, G's entries from JVPs in their directions (dense
+  model: the forward strategy), the update as one VJP. The (B, n) Jacobian is never
+  formed.
 - `full_jac`: the per-sample Jacobian (B, n) from `jax.vmap(jax.grad(...))`, then
   `eqxjd.aggregate(eqxjd.UPGrad(), J)` (the autojac path).
 - `torchjd`: `torchjd.autogram.Engine(model, batch_dim=0)`, `UPGradWeighting()(G)`,
