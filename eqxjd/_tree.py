@@ -69,14 +69,16 @@ def tree_gramian(jacobians: PyTree[Array]) -> Float[Array, "m m"]:
 
     **Returns:**
 
-    The Gramian, shape `(m, m)`, in the leaves' common dtype.
+    The Gramian, shape `(m, m)`, in the leaves' common dtype, exactly symmetric.
     """
     leaves, _, m = check_jacobian_tree(jacobians)
     dtype = jnp.result_type(*leaves)
-    return sum(
+    g = sum(
         (gramian(_rows(leaf, m).astype(dtype)) for leaf in leaves),
         start=jnp.zeros((m, m), dtype),
     )
+    # A A^T computed by XLA need not be bit-for-bit symmetric.
+    return (g + g.T) / jnp.asarray(2, dtype)
 
 
 def tree_combine(

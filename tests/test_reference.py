@@ -560,7 +560,10 @@ SEQ_REF = load_reference("modern_sequences")
 def test_sequence_inputs_match_the_fixture():
     for name, seq in SEQS.items():
         assert np.array_equal(SEQ_REF[f"J/{name}"], np.stack(seq))
-        assert np.array_equal(SEQ_REF[f"M/{name}"], np.stack(cross(seq)))
+        # Products: equal up to the order of the summation in the matmul kernel.
+        np.testing.assert_allclose(
+            SEQ_REF[f"M/{name}"], np.stack(cross(seq)), rtol=1e-14, atol=1e-14
+        )
 
 
 def arrays(module):
