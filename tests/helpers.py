@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import jax.random as jr
 import numpy as np
 import pytest
+from eqxjd._aggregation.gradvac import gradvac_weights
 
 
 REFERENCE = pathlib.Path(__file__).parent / "reference"
@@ -121,3 +122,103 @@ def mode_tol(x64: float, f32: float = 1e-4) -> float:
 
 # The dtypes a test can create: both, or float32 only when x64 is off.
 DTYPES = (jnp.float64, jnp.float32) if x64_enabled() else (jnp.float32,)
+
+
+def pad(x, shape, value=0.0):
+    x = np.asarray(x)
+    return np.pad(
+        x, [(0, t - s) for s, t in zip(x.shape, shape)], constant_values=value
+    )
+
+
+def small_kinds():
+    """Degenerate and hard Jacobians (helpers.jacobian_kinds minus a few shapes, to
+    limit compilations; its `conflicting` builder trips rank_promotion='raise')."""
+    keys = jr.split(jr.key(0), 4)
+    direction = jr.normal(keys[2], (5,))
+    signs = jnp.array([1.0, -1.0, 1.0, -1.0, -1.0, 1.0])
+    return {
+        "gaussian": gaussian(keys[0], 5, 7),
+        "low_rank": low_rank(keys[1], 8, 10, 2, spread=100.0),
+        "conflicting": signs[:, None] * direction[None, :]
+        + 0.05 * jr.normal(keys[3], (6, 5)),
+        "stationary": strongly_stationary(keys[3], 6, 8, 3),
+        "single": gaussian(keys[0], 1, 3),
+        "zero": jnp.zeros((5, 7)),
+    }
+
+
+@eqx.filter_jit
+def outputs(agg, J, key):
+    return agg.weights(J, key=key), agg(J, key=key)
+
+
+def cagrad_objective(G, w, c):
+    m = G.shape[0]
+    tr = np.trace(G)
+    Gn = G / tr if tr >= 1e-4 else 0 * G
+    b = Gn @ np.full(m, 1 / m)
+    s = c * np.sqrt(max(Gn.sum(), 0)) / m
+    return b @ w + s * np.sqrt(max(w @ Gn @ w, 0))
+
+
+def cagrad_star(weights):
+    """Recovers w* in the simplex from weights = 1/m + (s / ||R^T w*||) w*."""
+    m = len(weights)
+    return (weights - 1 / m) / (weights.sum() - 1)
+
+
+# Number of columns every m x n Jacobian is zero-padded to (one compilation per m;
+# zero columns leave G, hence the weights, unchanged).
+NASH_N = {1: 4, 2: 27, 3: 12, 4: 3, 5: 7, 6: 8, 8: 100, 9: 11}
+
+
+@eqx.filter_jit
+def nash_step(agg, J, state):
+    return agg.weights(J, state)
+
+
+def nash_weights(agg, J, state):
+    """Weights and new state of `agg` on J (padded to NASH_N columns)."""
+    J = np.asarray(J)
+    return nash_step(agg, jnp.asarray(pad(J, (J.shape[0], NASH_N[J.shape[0]]))), state)
+
+
+def arrays(module):
+    """Float hyperparameters as 0-d arrays, so that `eqx.filter_jit` traces them
+    (different configurations then share one compilation)."""
+    return jax.tree_util.tree_map(
+        lambda x: jnp.asarray(x, jnp.float64) if isinstance(x, float) else x, module
+    )
+
+
+@eqx.filter_jit
+def step(method, stat, state, key=None):
+    return method(stat, state, key=key)
+
+
+@eqx.filter_jit
+def weights_step(aggregator, jacobian, state, key=None):
+    return aggregator.weights(jacobian, state, key=key)
+
+
+gradvac_core = jax.jit(gradvac_weights)
+
+
+@eqx.filter_jit
+def call(method, stat, key=None):
+    return method(stat, key=key)
+
+
+def run_sequence(method, stats, *, weights=False, key=None):
+    """Calls a stateful method on each stat, threading the state; returns outputs."""
+    method = arrays(method)
+    state = method.init(jnp.asarray(stats[0]))
+    outs = []
+    for k, stat in enumerate(stats):
+        fn = weights_step if weights else step
+        out, state = fn(
+            method, jnp.asarray(stat), state, None if key is None else jr.key(k)
+        )
+        outs.append(np.asarray(out))
+    return outs, state

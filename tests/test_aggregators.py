@@ -15,6 +15,7 @@ import pytest
 from eqxjd._aggregation.cagrad import _cagrad_weights
 
 from .helpers import (
+    cagrad_star,
     FLOAT,
     gaussian,
     jacobian_kinds,
@@ -35,21 +36,6 @@ J_5X7 = jnp.asarray(np.random.RandomState(0).randn(5, 7), FLOAT)
 
 def _gramian(J):
     return jnp.matmul(J, J.T, precision=jax.lax.Precision.HIGHEST)
-
-
-def _cagrad_objective(G, w, c):
-    m = G.shape[0]
-    tr = np.trace(G)
-    Gn = G / tr if tr >= 1e-4 else 0 * G
-    b = Gn @ np.full(m, 1 / m)
-    s = c * np.sqrt(max(Gn.sum(), 0)) / m
-    return b @ w + s * np.sqrt(max(w @ Gn @ w, 0))
-
-
-def _cagrad_star(weights):
-    """Recovers w* in the simplex from weights = 1/m + (s / ||R^T w*||) w*."""
-    m = len(weights)
-    return (weights - 1 / m) / (weights.sum() - 1)
 
 
 @requires_x64
@@ -224,7 +210,7 @@ def test_cagrad_optimality_and_non_conflict(getkey):
                 assert norm - positive <= 4e-4 + 4e-4 * norm, (c, name)
             if not np.any(weights):
                 continue  # zero weights: ||R^T w*|| < norm_eps
-            w = _cagrad_star(weights)
+            w = cagrad_star(weights)
             assert np.all(w >= -1e-12) and abs(w.sum() - 1) < mode_tol(1e-10, 1e-5)
             s = c * np.sqrt(Gn.sum()) / m
             rho = np.sqrt(w @ Gn @ w)

@@ -13,11 +13,11 @@ import pytest
 from eqxjd._aggregation.nash_mtl import nash_root
 
 from .helpers import (
-    gaussian,
     load_reference,
-    low_rank,
+    nash_step,
+    nash_weights,
     rel_err,
-    strongly_stationary,
+    small_kinds,
 )
 
 
@@ -30,56 +30,16 @@ def _gramian(J):
     return jnp.matmul(J, J.T, precision=jax.lax.Precision.HIGHEST)
 
 
-def _kinds():
-    """Degenerate and hard Jacobians (helpers.jacobian_kinds minus a few shapes, to
-    limit compilations; its `conflicting` builder trips rank_promotion='raise')."""
-    keys = jr.split(jr.key(0), 4)
-    direction = jr.normal(keys[2], (5,))
-    signs = jnp.array([1.0, -1.0, 1.0, -1.0, -1.0, 1.0])
-    return {
-        "gaussian": gaussian(keys[0], 5, 7),
-        "low_rank": low_rank(keys[1], 8, 10, 2, spread=100.0),
-        "conflicting": signs[:, None] * direction[None, :]
-        + 0.05 * jr.normal(keys[3], (6, 5)),
-        "stationary": strongly_stationary(keys[3], 6, 8, 3),
-        "single": gaussian(keys[0], 1, 3),
-        "zero": jnp.zeros((5, 7)),
-    }
-
-
-def _pad(x, shape, value=0.0):
-    x = np.asarray(x)
-    return np.pad(
-        x, [(0, t - s) for s, t in zip(x.shape, shape)], constant_values=value
-    )
-
-
-# Number of columns every m x n Jacobian is zero-padded to (one compilation per m;
-# zero columns leave G, hence the weights, unchanged).
-NASH_N = {1: 4, 2: 27, 3: 12, 4: 3, 5: 7, 6: 8, 8: 100, 9: 11}
-
-
-@eqx.filter_jit
-def _nash(agg, J, state):
-    return agg.weights(J, state)
-
-
-def _nash_weights(agg, J, state):
-    """Weights and new state of `agg` on J (padded to NASH_N columns)."""
-    J = np.asarray(J)
-    return _nash(agg, jnp.asarray(_pad(J, (J.shape[0], NASH_N[J.shape[0]]))), state)
-
-
 def test_nash_mtl_published_values():
     agg = eqxjd.NashMTL(n_tasks=2)
-    w, _ = _nash_weights(agg, J_BASE, agg.init(J_BASE))
+    w, _ = nash_weights(agg, J_BASE, agg.init(J_BASE))
     assert rel_err(w @ J_BASE, [0.05415325109, 0.7060691982, 0.7060691982]) < 1e-7
     # Unclipped weights (max_norm=0) are the Nash root = FairGrad(alpha=1);
     # TorchJD 0.18.0 (torch 2.13, float64):
     # NashMTL(n_tasks=5, max_norm=0.0).weighting(J_5x7). An array max_norm is
     # traced: no recompilation.
     agg = eqxjd.NashMTL(n_tasks=5, max_norm=jnp.array(0.0))
-    w, _ = _nash_weights(agg, J_5X7, agg.init(J_5X7))
+    w, _ = nash_weights(agg, J_5X7, agg.init(J_5X7))
     expected = [0.14518431004176374, 0.8701013658251033, 0.2782601928066293,
                 0.3645116758455724, 0.2999443430431605]  # fmt: skip
     assert rel_err(w, expected) < 1e-7
@@ -88,7 +48,7 @@ def test_nash_mtl_published_values():
     # TorchJD 0.18.0 (torch 2.13, float64):
     # NashMTL(n_tasks=2, max_norm=0.5).weighting(J_base).
     agg = eqxjd.NashMTL(n_tasks=2, max_norm=jnp.array(0.5))
-    w, _ = _nash_weights(agg, J_BASE, agg.init(J_BASE))
+    w, _ = nash_weights(agg, J_BASE, agg.init(J_BASE))
     assert rel_err(w, [0.20911309691628038, 0.1439215022018758]) < 1e-7
 
 
@@ -112,7 +72,7 @@ def test_nash_mtl_update_weights_every():
         state = agg.init(jnp.asarray(J0))
         alphas = []
         for k in range(3):
-            w, state = _nash_weights(agg, ZOO[f"nashmtl_seq/seq_{s}/J{k}"], state)
+            w, state = nash_weights(agg, ZOO[f"nashmtl_seq/seq_{s}/J{k}"], state)
             alphas.append(state.alpha)
             assert rel_err(w, rows[k]) < 1e-6, (s, k)
         np.testing.assert_array_equal(alphas[0], alphas[1])  # call 1 reused call 0's
@@ -132,20 +92,20 @@ def test_nash_mtl_degenerate():
         J = np.array(J)
         state = agg.init(jnp.asarray(J))
         for _ in range(2):
-            w, state = _nash_weights(agg, J, state)
+            w, state = nash_weights(agg, J, state)
             np.testing.assert_allclose(np.asarray(w) @ J, expected, atol=1e-12)
     # Zero and NaN Jacobians: TorchJD raises; eqxjd keeps the previous weights (ones
     # at first) without a hang, and does not poison the state.
-    w, state = _nash_weights(agg, np.zeros((2, 3)), agg.init(J_BASE))
+    w, state = nash_weights(agg, np.zeros((2, 3)), agg.init(J_BASE))
     np.testing.assert_array_equal(w, jnp.ones(2))
     np.testing.assert_array_equal(state.alpha, jnp.ones(2))
     d, state = agg(jnp.zeros((2, 0)), agg.init(jnp.zeros((2, 0))))  # n = 0
     assert d.shape == (0,)
-    _, state = _nash_weights(agg, J_BASE, agg.init(J_BASE))
+    _, state = nash_weights(agg, J_BASE, agg.init(J_BASE))
     good = state.alpha
     nan_J = np.asarray(J_BASE).copy()
     nan_J[:, 1] = np.nan
-    w, state = _nash_weights(agg, nan_J, state)
+    w, state = nash_weights(agg, nan_J, state)
     np.testing.assert_array_equal(state.alpha, good)
     d = np.asarray(w) @ nan_J
     assert np.isnan(d[1]) and np.all(np.isfinite(d[[0, 2]]))
@@ -153,13 +113,13 @@ def test_nash_mtl_degenerate():
     # stopping rule and is kept; clipping then gives d = g / |g| for |g| > max_norm.
     row = jnp.array([[3.0, 4.0, 0.0, 0.0]])
     agg1 = eqxjd.NashMTL(n_tasks=1)
-    w, state1 = _nash_weights(agg1, row, agg1.init(row))
+    w, state1 = nash_weights(agg1, row, agg1.init(row))
     np.testing.assert_allclose(w, [0.2], rtol=1e-14)
     np.testing.assert_array_equal(state1.alpha, jnp.ones(1))
     # Finite on the test kinds (several of them have no root).
-    for kind, J in _kinds().items():
+    for kind, J in small_kinds().items():
         agg = eqxjd.NashMTL(n_tasks=J.shape[0])
-        w, _ = _nash_weights(agg, J, agg.init(J))
+        w, _ = nash_weights(agg, J, agg.init(J))
         assert bool(jnp.all(jnp.isfinite(w))), kind
 
 
@@ -198,7 +158,7 @@ def test_nash_mtl_state_in_a_jitted_loop_and_float32():
     # float32 in -> float32 out (solved in float64); TorchJD 0.18.0 float32 value.
     J32 = J_5X7.astype(jnp.float32)
     agg = eqxjd.NashMTL(n_tasks=5)
-    w32, _ = _nash(agg, J32, agg.init(J32))
+    w32, _ = nash_step(agg, J32, agg.init(J32))
     assert w32.dtype == jnp.float32
     expected = [0.0649284, 0.38912117, 0.12444174, 0.1630146, 0.13413917]
     np.testing.assert_allclose(w32, expected, rtol=0, atol=1e-4)

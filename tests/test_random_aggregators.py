@@ -13,10 +13,10 @@ from eqxjd._aggregation.graddrop import graddrop
 from eqxjd._aggregation.pcgrad import pcgrad_permutations, pcgrad_weights
 
 from .helpers import (
-    gaussian,
-    low_rank,
+    outputs,
+    pad,
     rel_err,
-    strongly_stationary,
+    small_kinds,
 )
 
 
@@ -29,35 +29,6 @@ def _gramian(J):
 
 
 _graddrop_core = jax.jit(graddrop)
-
-
-def _kinds():
-    """Degenerate and hard Jacobians (helpers.jacobian_kinds minus a few shapes, to
-    limit compilations; its `conflicting` builder trips rank_promotion='raise')."""
-    keys = jr.split(jr.key(0), 4)
-    direction = jr.normal(keys[2], (5,))
-    signs = jnp.array([1.0, -1.0, 1.0, -1.0, -1.0, 1.0])
-    return {
-        "gaussian": gaussian(keys[0], 5, 7),
-        "low_rank": low_rank(keys[1], 8, 10, 2, spread=100.0),
-        "conflicting": signs[:, None] * direction[None, :]
-        + 0.05 * jr.normal(keys[3], (6, 5)),
-        "stationary": strongly_stationary(keys[3], 6, 8, 3),
-        "single": gaussian(keys[0], 1, 3),
-        "zero": jnp.zeros((5, 7)),
-    }
-
-
-def _pad(x, shape, value=0.0):
-    x = np.asarray(x)
-    return np.pad(
-        x, [(0, t - s) for s, t in zip(x.shape, shape)], constant_values=value
-    )
-
-
-@eqx.filter_jit
-def _run(agg, J, key):
-    return agg.weights(J, key=key), agg(J, key=key)
 
 
 def test_pcgrad_published_values():
@@ -92,24 +63,26 @@ def test_pcgrad_permutations_are_permutations():
 def test_pcgrad_special_cases():
     key = jr.key(0)
     agg = eqxjd.PCGrad()
-    w, d = _run(agg, jnp.zeros((0, 3)), key)
+    w, d = outputs(agg, jnp.zeros((0, 3)), key)
     assert w.shape == (0,)
     np.testing.assert_array_equal(d, jnp.zeros(3))
-    w, d = _run(agg, jnp.zeros((5, 7)), key)  # zero J: w = 1, d = 0
+    w, d = outputs(agg, jnp.zeros((5, 7)), key)  # zero J: w = 1, d = 0
     np.testing.assert_array_equal(w, jnp.ones(5))
     np.testing.assert_array_equal(d, jnp.zeros(7))
-    w, d = _run(agg, jnp.array([[1.0, 2.0, 3.0]]), key)
+    w, d = outputs(agg, jnp.array([[1.0, 2.0, 3.0]]), key)
     np.testing.assert_array_equal(d, jnp.array([1.0, 2.0, 3.0]))
-    w, d = _run(agg, jnp.asarray(_pad([[1.0, 0.0], [-1.0, 0.0]], (2, 102))), key)
+    w, d = outputs(agg, jnp.asarray(pad([[1.0, 0.0], [-1.0, 0.0]], (2, 102))), key)
     np.testing.assert_array_equal(w, jnp.array([2.0, 2.0]))  # anti-parallel
     np.testing.assert_array_equal(d, jnp.zeros(102))
     # A NaN column makes the whole Gramian NaN: NaN weights, so an all-NaN update.
     # (TorchJD's comparisons with NaN fail, so it skips every projection and returns
     # the plain row sum outside the NaN column: a finite but meaningless update.)
-    w, d = _run(agg, J_5X7.at[:, 2].set(jnp.nan), key)
+    w, d = outputs(agg, J_5X7.at[:, 2].set(jnp.nan), key)
     assert bool(jnp.all(jnp.isnan(w))) and bool(jnp.all(jnp.isnan(d)))
     for kind in ("conflicting", "zero", "single"):
-        assert bool(jnp.all(jnp.isfinite(_run(agg, _kinds()[kind], key)[1]))), kind
+        assert bool(jnp.all(jnp.isfinite(outputs(agg, small_kinds()[kind], key)[1]))), (
+            kind
+        )
 
 
 def test_random_weights_from_key():
@@ -121,7 +94,7 @@ def test_random_weights_from_key():
     assert bool(jnp.all(w > 0)) and abs(float(jnp.sum(w)) - 1) < 1e-14
     # It reads only the number of rows: a Gramian gives the same weights.
     np.testing.assert_array_equal(eqxjd.RandomWeighting()(_gramian(J_5X7), key=key), w)
-    _, d = _run(eqxjd.Random(), jnp.zeros((0, 4)), key)
+    _, d = outputs(eqxjd.Random(), jnp.zeros((0, 4)), key)
     np.testing.assert_array_equal(d, jnp.zeros(4))
 
 

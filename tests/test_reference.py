@@ -17,18 +17,26 @@ import pytest
 from eqxjd import scalarization as S
 from eqxjd._aggregation.cagrad import _cagrad_weights
 from eqxjd._aggregation.graddrop import graddrop
-from eqxjd._aggregation.gradvac import gradvac_weights
 from eqxjd._aggregation.krum import KrumWeighting
 from eqxjd._aggregation.pcgrad import pcgrad_weights
 from eqxjd._aggregation.random import random_weights
 from eqxjd._scalarization.random import scalarize_with_normals
 
 from .helpers import (
+    arrays,
+    cagrad_objective,
+    cagrad_star,
+    call,
+    gradvac_core,
     load_reference,
+    nash_weights,
+    outputs,
+    pad,
     REFERENCE,
     reference_names,
     rel_err,
     requires_x64,
+    run_sequence,
 )
 
 
@@ -262,21 +270,6 @@ def test_reference_trimmed_mean_and_config():
         )
 
 
-def _cagrad_objective(G, w, c):
-    m = G.shape[0]
-    tr = np.trace(G)
-    Gn = G / tr if tr >= 1e-4 else 0 * G
-    b = Gn @ np.full(m, 1 / m)
-    s = c * np.sqrt(max(Gn.sum(), 0)) / m
-    return b @ w + s * np.sqrt(max(w @ Gn @ w, 0))
-
-
-def _cagrad_star(weights):
-    """Recovers w* in the simplex from weights = 1/m + (s / ||R^T w*||) w*."""
-    m = len(weights)
-    return (weights - 1 / m) / (weights.sum() - 1)
-
-
 # Fixtures with 2, 4 or 5 rows (3 compilations, both c at once). TorchJD's CLARABEL
 # answer is accurate to ~1e-8 on J_base, J_5x7 and J_TM for c = 0.5 (we check 1e-7
 # there), and only to ~3e-5 on the other fixtures (flat objective;
@@ -307,9 +300,9 @@ def test_reference_cagrad():
             if np.all(ref == 0) and c >= 1:
                 # Rank-1 J with 0 in the hull and c = 1: the objective is flat (0) on a
                 # segment that contains x = 0; TorchJD returned x ~ 0 (zero weights).
-                assert abs(_cagrad_objective(G, _cagrad_star(w), c)) <= 1e-12, name
+                assert abs(cagrad_objective(G, cagrad_star(w), c)) <= 1e-12, name
                 continue
-            f, f_ref = (_cagrad_objective(G, _cagrad_star(x), c) for x in (w, ref))
+            f, f_ref = (cagrad_objective(G, cagrad_star(x), c) for x in (w, ref))
             assert f <= f_ref + 1e-12, (c, name)
             if c == 0.5 and name in CAGRAD_EXACT:
                 tol = 1e-7
@@ -336,18 +329,6 @@ def _max_shape(method):
     return max(s[0] for s in shapes), max(s[1] for s in shapes)
 
 
-def _pad(x, shape, value=0.0):
-    x = np.asarray(x)
-    return np.pad(
-        x, [(0, t - s) for s, t in zip(x.shape, shape)], constant_values=value
-    )
-
-
-@eqx.filter_jit
-def _run(agg, J, key):
-    return agg.weights(J, key=key), agg(J, key=key)
-
-
 # ------------------------------------------------------------------------ PCGrad
 
 
@@ -363,7 +344,7 @@ def test_pcgrad_reference_fixtures():
         )
         perms = np.concatenate([perms, np.arange(M)[None].repeat(M - m, 0)], 0)
         w = np.asarray(
-            _pcgrad_core(jnp.asarray(_pad(J @ J.T, (M, M))), jnp.asarray(perms))
+            _pcgrad_core(jnp.asarray(pad(J @ J.T, (M, M))), jnp.asarray(perms))
         )[:m]
         d = w @ J
         worst = max(worst, rel_err(w, ZOO[f"pcgrad/{name}/w"]))
@@ -376,12 +357,12 @@ def test_pcgrad_m2_equals_torchjd_for_any_key():
     for name in ["base"] + [n for n in _names("pcgrad") if n.startswith("pair")]:
         J = ZOO[f"J/{name}"]
         for seed in (0, 1):
-            w, d = _run(eqxjd.PCGrad(), jnp.asarray(_pad(J, (2, 102))), jr.key(seed))
+            w, d = outputs(eqxjd.PCGrad(), jnp.asarray(pad(J, (2, 102))), jr.key(seed))
             np.testing.assert_allclose(w, ZOO[f"pcgrad/{name}/w"], rtol=1e-13, atol=0)
             ref = ZOO[f"pcgrad/{name}/d"]
             assert _d_err(d[: J.shape[1]], ref, w, J) < 1e-14
     # TorchJD 0.18.0 on J_base (published): [0.5847953216, 3.801169591, 3.801169591].
-    _, d = _run(eqxjd.PCGrad(), jnp.asarray(_pad(J_BASE, (2, 102))), jr.key(5))
+    _, d = outputs(eqxjd.PCGrad(), jnp.asarray(pad(J_BASE, (2, 102))), jr.key(5))
     assert rel_err(d[:3], [0.5847953216, 3.801169591, 3.801169591]) < 1e-9
 
 
@@ -393,7 +374,7 @@ def test_random_reference_fixtures():
     M, _ = _max_shape("random")
     for name in _names("random"):
         J = ZOO[f"J/{name}"]
-        draws = _pad(ZOO[f"random/{name}/draws"], (M,), -np.inf)
+        draws = pad(ZOO[f"random/{name}/draws"], (M,), -np.inf)
         w = np.asarray(_random_core(jnp.asarray(draws)))[: J.shape[0]]
         worst = max(worst, rel_err(w, ZOO[f"random/{name}/w"]))
         worst = max(worst, _d_err(w @ J, ZOO[f"random/{name}/d"], w, J))
@@ -413,8 +394,8 @@ def test_graddrop_reference_fixtures():
     M, N = _max_shape("graddrop")
     for name in _names("graddrop"):
         J = ZOO[f"J/{name}"]
-        u = _pad(ZOO[f"graddrop/{name}/draws"], (N,), 0.5)
-        d = np.asarray(_graddrop_core(jnp.asarray(_pad(J, (M, N))), jnp.asarray(u)))
+        u = pad(ZOO[f"graddrop/{name}/draws"], (N,), 0.5)
+        d = np.asarray(_graddrop_core(jnp.asarray(pad(J, (M, N))), jnp.asarray(u)))
         d = d[: J.shape[1]]
         worst = max(
             worst, _d_err(d, ZOO[f"graddrop/{name}/d"], jnp.ones(J.shape[0]), J)
@@ -461,20 +442,6 @@ NASH_OK = ["5x7", "base", "illcond_0", "illcond_5", "normal_1", "normal_2", "nor
            "normal_4", "normal_5", "pair_0", "pair_1", "pair_2", "pair_3",
            "pair_antiparallel", "pair_duplicate", "scaled_14", "scaled_20", "scaled_26",
            "scaled_32", "scaled_7", "tm"]  # fmt: skip
-# Number of columns every m x n Jacobian is zero-padded to (one compilation per m;
-# zero columns leave G, hence the weights, unchanged).
-NASH_N = {1: 4, 2: 27, 3: 12, 4: 3, 5: 7, 6: 8, 8: 100, 9: 11}
-
-
-@eqx.filter_jit
-def _nash(agg, J, state):
-    return agg.weights(J, state)
-
-
-def _nash_weights(agg, J, state):
-    """Weights and new state of `agg` on J (padded to NASH_N columns)."""
-    J = np.asarray(J)
-    return _nash(agg, jnp.asarray(_pad(J, (J.shape[0], NASH_N[J.shape[0]]))), state)
 
 
 def test_nash_mtl_reference_three_calls():
@@ -484,7 +451,7 @@ def test_nash_mtl_reference_three_calls():
         agg = eqxjd.NashMTL(n_tasks=J.shape[0])
         state = agg.init(jnp.asarray(J))
         for k in range(3):
-            w, state = _nash_weights(agg, J, state)
+            w, state = nash_weights(agg, J, state)
             w = np.asarray(w)
             err = max(
                 rel_err(w, ZOO[f"nashmtl/{name}/call{k}/w"]),
@@ -506,7 +473,7 @@ def test_nash_mtl_sequences():
         state = agg.init(jnp.asarray(J0))
         for k in range(3):
             J = ZOO[f"nashmtl_seq/seq_{s}/J{k}"]
-            w, state = _nash_weights(agg, J, state)
+            w, state = nash_weights(agg, J, state)
             w = np.asarray(w)
             if (s, k) == (1, 1):
                 # Known deviation: TorchJD's linearised subproblem is unbounded here
@@ -564,46 +531,6 @@ def test_sequence_inputs_match_the_fixture():
         np.testing.assert_allclose(
             SEQ_REF[f"M/{name}"], np.stack(cross(seq)), rtol=1e-14, atol=1e-14
         )
-
-
-def arrays(module):
-    """Float hyperparameters as 0-d arrays, so that `eqx.filter_jit` traces them
-    (different configurations then share one compilation)."""
-    return jax.tree_util.tree_map(
-        lambda x: jnp.asarray(x, jnp.float64) if isinstance(x, float) else x, module
-    )
-
-
-@eqx.filter_jit
-def step(method, stat, state, key=None):
-    return method(stat, state, key=key)
-
-
-@eqx.filter_jit
-def weights_step(aggregator, jacobian, state, key=None):
-    return aggregator.weights(jacobian, state, key=key)
-
-
-gradvac_core = jax.jit(gradvac_weights)
-
-
-@eqx.filter_jit
-def call(method, stat, key=None):
-    return method(stat, key=key)
-
-
-def run_sequence(method, stats, *, weights=False, key=None):
-    """Calls a stateful method on each stat, threading the state; returns outputs."""
-    method = arrays(method)
-    state = method.init(jnp.asarray(stats[0]))
-    outs = []
-    for k, stat in enumerate(stats):
-        fn = weights_step if weights else step
-        out, state = fn(
-            method, jnp.asarray(stat), state, None if key is None else jr.key(k)
-        )
-        outs.append(np.asarray(out))
-    return outs, state
 
 
 # ------------------------------------------------------------------------------------

@@ -9,11 +9,17 @@ import jax.numpy as jnp
 import jax.random as jr
 import numpy as np
 import pytest
-from eqxjd._aggregation.gradvac import gradvac_orders, gradvac_weights
+from eqxjd._aggregation.gradvac import gradvac_orders
 from eqxjd._aggregation.pcd import pcd_solve
 
 from .helpers import (
+    arrays,
+    call,
+    gradvac_core,
     load_reference,
+    run_sequence,
+    step,
+    weights_step,
 )
 
 
@@ -48,46 +54,6 @@ def rel(x, y):
 # tests/reference/modern_sequences.npz, written by tests/reference/generate.py
 # (part `modern_sequences`; key layout in tests/reference/README.md).
 SEQ_REF = load_reference("modern_sequences")
-
-
-def arrays(module):
-    """Float hyperparameters as 0-d arrays, so that `eqx.filter_jit` traces them
-    (different configurations then share one compilation)."""
-    return jax.tree_util.tree_map(
-        lambda x: jnp.asarray(x, jnp.float64) if isinstance(x, float) else x, module
-    )
-
-
-@eqx.filter_jit
-def step(method, stat, state, key=None):
-    return method(stat, state, key=key)
-
-
-@eqx.filter_jit
-def weights_step(aggregator, jacobian, state, key=None):
-    return aggregator.weights(jacobian, state, key=key)
-
-
-gradvac_core = jax.jit(gradvac_weights)
-
-
-@eqx.filter_jit
-def call(method, stat, key=None):
-    return method(stat, key=key)
-
-
-def run_sequence(method, stats, *, weights=False, key=None):
-    """Calls a stateful method on each stat, threading the state; returns outputs."""
-    method = arrays(method)
-    state = method.init(jnp.asarray(stats[0]))
-    outs = []
-    for k, stat in enumerate(stats):
-        fn = weights_step if weights else step
-        out, state = fn(
-            method, jnp.asarray(stat), state, None if key is None else jr.key(k)
-        )
-        outs.append(np.asarray(out))
-    return outs, state
 
 
 def test_gradvac_published_values():
