@@ -222,3 +222,31 @@ def run_sequence(method, stats, *, weights=False, key=None):
         )
         outs.append(np.asarray(out))
     return outs, state
+
+
+# The sequences fed to the stateful methods (3 calls each), and TorchJD 0.18.0's
+# weights on them (float64), one row per call: tests/reference/modern_sequences.npz,
+# written by tests/reference/generate.py (part `modern_sequences`).
+SEQS = {
+    "s5": [
+        np.random.RandomState(0).randn(5, 7),
+        np.random.RandomState(1).randn(5, 7),
+        np.random.RandomState(2).randn(5, 7),
+    ],
+    "s2": [
+        np.array([[-4.0, 1.0, 1.0], [6.0, 1.0, 1.0]]),
+        np.random.RandomState(3).randn(2, 3),
+        np.random.RandomState(4).randn(2, 3),
+    ],
+}
+SEQ_REF = load_reference("modern_sequences")
+
+
+def cross(seq):
+    """The cross-batch matrices J1 J2^T given to MoDo and SDMGrad."""
+    return [seq[0] @ seq[1].T, seq[1] @ seq[2].T, seq[2] @ seq[0].T]
+
+
+def rel(x, y):
+    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+    return float(np.max(np.abs(x - y)) / max(np.max(np.abs(y)), 1e-300))

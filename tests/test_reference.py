@@ -27,6 +27,7 @@ from .helpers import (
     cagrad_objective,
     cagrad_star,
     call,
+    cross,
     gradvac_core,
     load_reference,
     nash_weights,
@@ -34,9 +35,12 @@ from .helpers import (
     pad,
     REFERENCE,
     reference_names,
+    rel,
     rel_err,
     requires_x64,
     run_sequence,
+    SEQ_REF,
+    SEQS,
 )
 
 
@@ -492,36 +496,6 @@ def test_nash_mtl_sequences():
 
 
 # ============================================ modern.npz and modern_sequences.npz
-
-# The sequences fed to the stateful methods (3 calls each).
-SEQS = {
-    "s5": [
-        J_5X7,
-        np.random.RandomState(1).randn(5, 7),
-        np.random.RandomState(2).randn(5, 7),
-    ],
-    "s2": [
-        J_BASE,
-        np.random.RandomState(3).randn(2, 3),
-        np.random.RandomState(4).randn(2, 3),
-    ],
-}
-
-
-def cross(seq):
-    """The cross-batch matrices J1 J2^T given to MoDo and SDMGrad."""
-    return [seq[0] @ seq[1].T, seq[1] @ seq[2].T, seq[2] @ seq[0].T]
-
-
-def rel(x, y):
-    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
-    return float(np.max(np.abs(x - y)) / max(np.max(np.abs(y)), 1e-300))
-
-
-# TorchJD 0.18.0 weights (float64) on the sequences above, one row per call:
-# tests/reference/modern_sequences.npz, written by tests/reference/generate.py
-# (part `modern_sequences`; key layout in tests/reference/README.md).
-SEQ_REF = load_reference("modern_sequences")
 
 
 def test_sequence_inputs_match_the_fixture():

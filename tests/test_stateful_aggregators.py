@@ -16,8 +16,10 @@ from .helpers import (
     arrays,
     call,
     gradvac_core,
-    load_reference,
+    rel,
     run_sequence,
+    SEQ_REF,
+    SEQS,
     step,
     weights_step,
 )
@@ -25,35 +27,6 @@ from .helpers import (
 
 J_BASE = np.array([[-4.0, 1.0, 1.0], [6.0, 1.0, 1.0]])
 J_5X7 = np.random.RandomState(0).randn(5, 7)
-# The sequences fed to the stateful methods (3 calls each).
-SEQS = {
-    "s5": [
-        J_5X7,
-        np.random.RandomState(1).randn(5, 7),
-        np.random.RandomState(2).randn(5, 7),
-    ],
-    "s2": [
-        J_BASE,
-        np.random.RandomState(3).randn(2, 3),
-        np.random.RandomState(4).randn(2, 3),
-    ],
-}
-
-
-def cross(seq):
-    """The cross-batch matrices J1 J2^T given to MoDo and SDMGrad."""
-    return [seq[0] @ seq[1].T, seq[1] @ seq[2].T, seq[2] @ seq[0].T]
-
-
-def rel(x, y):
-    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
-    return float(np.max(np.abs(x - y)) / max(np.max(np.abs(y)), 1e-300))
-
-
-# TorchJD 0.18.0 weights (float64) on the sequences above, one row per call:
-# tests/reference/modern_sequences.npz, written by tests/reference/generate.py
-# (part `modern_sequences`; key layout in tests/reference/README.md).
-SEQ_REF = load_reference("modern_sequences")
 
 
 def test_gradvac_published_values():

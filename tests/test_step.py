@@ -175,7 +175,7 @@ def test_chunked_equals_unchunked(setup, chunk_size):
 
 
 def test_documented_examples():
-    # methods.md §9.8: p = [1, 2], y1 = [-1, 1] . p, y2 = sum(p^2).
+    # TorchJD 0.18.0 autojac docstring: p = [1, 2], y1 = [-1, 1] . p, y2 = sum(p^2).
     p = jnp.array([1.0, 2.0])
     jac = eqxjd.filter_jac(lambda p: jnp.stack([jnp.array([-1.0, 1.0]) @ p, p @ p]))(p)
     assert tree_allclose(jac, jnp.array([[-1.0, 1.0], [2.0, 4.0]]))
