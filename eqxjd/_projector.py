@@ -1,6 +1,7 @@
 from typing import Literal, TypeAlias
 
 import equinox as eqx
+import jax
 import jax.lax as lax
 import jax.numpy as jnp
 import jax.scipy.linalg as jsl
@@ -51,8 +52,10 @@ class DualConeSolution(eqx.Module):
         $\|\min(\hat v - \hat u, \hat G \hat v)\|_\infty / \max(1, \|\hat v\|_\infty)$
         on the rescaled problem (Jacobi-scaled Gramian, lane with largest entry 1) that
         the check compares with its tolerance ($10^{-9}$ when solved in float64,
-        $10^{-4}$ in float32). $0$ for lanes with $u_j \leq 0$, $\infty$ for
-        non-finite input.
+        $10^{-4}$ in float32, and $\sqrt{\epsilon} \|\hat G\|_F$ for a singular
+        Gramian in float32, whose null space float32 resolves only to about
+        $\sqrt{\epsilon}$). $0$ for lanes with $u_j \leq 0$, $\infty$ for non-finite
+        input.
     """
 
     value: Float[Array, "..."]
@@ -237,6 +240,10 @@ _SINGULAR_PIVOT = {"float64": 1e-8, "float32": 1e-5}
 # find the face of the solution; `_finish_on_face` then solves on it exactly.
 _PROXIMAL_RIDGE = 1e-2
 _PROXIMAL_STEPS = 40
+# Lanes are solved in chunks of at most this many matrix entries (8 MiB in float32):
+# UPGrad's m lanes hold m masked m x m systems, m^3 entries. From m = 129 on the lanes
+# go in chunks, which also keeps each batched factorisation in cache.
+_LANE_ELEMENTS = 2**21
 
 
 @eqx.filter_jit
@@ -256,10 +263,12 @@ def _solve(projector: DualConeProjector, gramian, lower):
     unit, lane_scale, trivial = _unit_lanes(u_stop / scale[None, :])
     indefinite, singular = _definiteness(g_hat, dtype)
     indefinite = indefinite | negative | (jnp.trace(g_stop) < 0)
-    v_unit, result = _solve_canonical(projector.solver, g_hat, unit, singular)
+    v_unit, result = _in_lane_chunks(
+        lambda lanes: _solve_canonical(projector.solver, g_hat, lanes, singular), unit
+    )
 
     residual = jnp.where(trivial, 0.0, natural_residual(g_hat, unit, v_unit))
-    bad = jnp.any(residual > kkt_tolerance(work))
+    bad = jnp.any(residual > _acceptance(g_hat, singular))
     result = RESULTS.where(
         (result == RESULTS.successful) & bad, RESULTS.kkt_check_failed, result
     )
@@ -277,6 +286,43 @@ def _solve(projector: DualConeProjector, gramian, lower):
     value = jnp.where(finite & ~indefinite, value, jnp.nan)
     residual = jnp.where(finite, residual, jnp.inf)
     return DualConeSolution(value.astype(dtype), result, residual.astype(dtype))
+
+
+def _in_lane_chunks(solve, unit):
+    """`solve(unit)`, over chunks of lanes in sequence when all at once would hold more
+    than `_LANE_ELEMENTS` matrix entries (UPGrad's m lanes of m x m systems: m^3).
+
+    The lanes are independent; padding lanes are trivial ($u = -1$, solution 0). The
+    result is the first failure of a chunk, if any.
+    """
+    k, m = unit.shape
+    size = max(1, _LANE_ELEMENTS // (m * m))
+    if k <= size:
+        return solve(unit)
+    chunks = -(-k // size)
+    padded = jnp.concatenate(
+        [unit, -jnp.ones((chunks * size - k, m), unit.dtype)], axis=0
+    )
+    values, results = lax.map(solve, padded.reshape(chunks, size, m))
+    first = jnp.argmax(results._value != RESULTS.successful._value)
+    result = jax.tree.map(lambda x: x[first], results)
+    return values.reshape(chunks * size, m)[:k], result
+
+
+def _acceptance(g_hat, singular):
+    r"""The bound on the relative KKT residual: `kkt_tolerance`, or for a singular
+    $\hat G$ in float32 $\sqrt{\epsilon} \|\hat G\|_F$.
+
+    Rounded to float32, a singular Gramian has eigenvalues of order $\epsilon
+    \|\hat G\|$ in place of its zeros, and its near-null vectors $z$ only have
+    $\|\hat G z\| \lesssim \sqrt{\epsilon} \|\hat G\|$: no solve on a face can get
+    below that. (In float64 the same bound is below `kkt_tolerance`.)
+    """
+    tolerance = kkt_tolerance(g_hat.dtype)
+    if jnp.dtype(g_hat.dtype) != jnp.float32:
+        return tolerance
+    rounding = jnp.sqrt(eps(g_hat.dtype)) * jnp.linalg.norm(g_hat)
+    return jnp.where(singular, jnp.maximum(tolerance, rounding), tolerance)
 
 
 def _normalised(g, norm_eps, reg_eps):
@@ -403,7 +449,7 @@ def _finish_on_face(g_hat, unit, v):
         more = jnp.min(multiplier, axis=-1) < -tolerance
         added = more[:, None] & (jnp.arange(m)[None, :] == entering[:, None])
         v = jnp.where(done[:, None], v, moved)
-        new_free = (free & ~first & (moved > unit)) | added
+        new_free = (free & ~first & (moved - unit > slack_tolerance)) | added
         free = jnp.where(done[:, None], free, new_free)
         return v, free, done | (~blocked & ~more), step + 1
 
@@ -411,7 +457,12 @@ def _finish_on_face(g_hat, unit, v):
         _, _, done, step = carry
         return ~jnp.all(done) & (step < 3 * m)
 
-    init = (v, v - unit > 0, jnp.zeros((k,), bool), jnp.array(0))
+    # Slacks at rounding level count as bounds: each one left in F would cost a step
+    # that only moves it onto its bound. A lane that already satisfies the KKT
+    # conditions is left alone.
+    slack_tolerance = 16 * eps(dtype)
+    done = natural_residual(g_hat, unit, v) <= 1e-2 * kkt_tolerance(dtype)
+    init = (v, v - unit > slack_tolerance, done, jnp.array(0))
     v, *_ = lax.while_loop(cond, body, init)
     return v
 

@@ -26,9 +26,16 @@ def getkey():
     return eqxi.GetKey()
 
 
-@pytest.fixture(autouse=True, scope="module")
+_TESTS_PER_CACHE = 200
+_tests_run = [0]
+
+
+@pytest.fixture(autouse=True)
 def _clear_jax_caches():
-    # One process runs ~600 tests; dropping each module's compiled executables keeps the
-    # memory of the XLA compiler bounded (a long run once crashed inside compilation).
+    # A worker runs ~1000 tests; dropping the compiled executables every few hundred
+    # keeps the memory of the XLA compiler bounded (a long run once crashed inside
+    # compilation), while the tests of one method, run together, share them.
     yield
-    jax.clear_caches()
+    _tests_run[0] += 1
+    if _tests_run[0] % _TESTS_PER_CACHE == 0:
+        jax.clear_caches()
