@@ -98,7 +98,8 @@ class DualConeProjector(eqx.Module):
     a zero row is decoupled) and each lane to largest entry $1$ (lanes with
     $u_j \leq 0$ have the solution $0$). $m \leq 2$ is solved in closed form. A
     singular $\hat G$ (`reg_eps=0` on linearly dependent rows), whose Cholesky pivots
-    fall below $10^{-8}$ ($10^{-5}$ in float32), is solved by proximal-point steps
+    fall below $10^{-8}$ ($10^{-5}$ in float32) or on which the plain solve fails, is
+    solved by proximal-point steps
     $v_{t+1} = \operatorname{argmin}_{v \geq u} \frac12 v^\top \hat G v +
     \frac\delta2 \|v - v_t\|^2$ with a fixed $\delta = 10^{-2}$ (each a positive
     definite QP for the solver), each followed by an exact active-set finish started
@@ -235,6 +236,9 @@ def projector_from(
 # The canonical Gramian counts as singular below this Cholesky pivot. With the default
 # reg_eps = 1e-4 every pivot stays near 1e-4 or above, so the default never gets there.
 _SINGULAR_PIVOT = {"float64": 1e-8, "float32": 1e-5}
+# Below this pivot a failed plain solve is retried with proximal steps: a Gramian
+# singular up to rounding can pass the test above by the rounding of its factorisation.
+_NEAR_SINGULAR_PIVOT = {"float64": 1e-6, "float32": 1e-3}
 # Ridge of the proximal-point steps, relative to the unit diagonal: fixed, so every
 # subproblem is as well conditioned as with the default reg_eps. The steps only have to
 # find the face of the solution; `_finish_on_face` then solves on it exactly.
@@ -261,11 +265,13 @@ def _solve(projector: DualConeProjector, gramian, lower):
 
     g_hat, scale, negative = _jacobi(g_stop)
     unit, lane_scale, trivial = _unit_lanes(u_stop / scale[None, :])
-    indefinite, singular = _definiteness(g_hat, dtype)
+    indefinite, singular, near = _definiteness(g_hat, dtype)
     indefinite = indefinite | negative | (jnp.trace(g_stop) < 0)
-    v_unit, result = _in_lane_chunks(
-        lambda lanes: _solve_canonical(projector.solver, g_hat, lanes, singular), unit
-    )
+
+    def solve(lanes):
+        return _solve_canonical(projector.solver, g_hat, lanes, singular, near)
+
+    v_unit, result, singular = _in_lane_chunks(solve, unit)
 
     residual = jnp.where(trivial, 0.0, natural_residual(g_hat, unit, v_unit))
     bad = jnp.any(residual > _acceptance(g_hat, singular))
@@ -293,7 +299,8 @@ def _in_lane_chunks(solve, unit):
     than `_LANE_ELEMENTS` matrix entries (UPGrad's m lanes of m x m systems: m^3).
 
     The lanes are independent; padding lanes are trivial ($u = -1$, solution 0). The
-    result is the first failure of a chunk, if any.
+    result is the first failure of a chunk, if any; `singular` whether any chunk took
+    the proximal steps.
     """
     k, m = unit.shape
     size = max(1, _LANE_ELEMENTS // (m * m))
@@ -303,10 +310,10 @@ def _in_lane_chunks(solve, unit):
     padded = jnp.concatenate(
         [unit, -jnp.ones((chunks * size - k, m), unit.dtype)], axis=0
     )
-    values, results = lax.map(solve, padded.reshape(chunks, size, m))
+    values, results, singular = lax.map(solve, padded.reshape(chunks, size, m))
     first = jnp.argmax(results._value != RESULTS.successful._value)
     result = jax.tree.map(lambda x: x[first], results)
-    return values.reshape(chunks * size, m)[:k], result
+    return values.reshape(chunks * size, m)[:k], result, jnp.any(singular)
 
 
 def _acceptance(g_hat, singular):
@@ -364,21 +371,26 @@ def _unit_lanes(lanes):
     return unit, jnp.where(trivial, 0.0, scale), trivial
 
 
-def _definiteness(g_hat, dtype) -> tuple[Bool[Array, ""], Bool[Array, ""]]:
-    r"""Whether $\hat G$ is clearly indefinite, and whether it is singular: a Cholesky
+def _definiteness(
+    g_hat, dtype
+) -> tuple[Bool[Array, ""], Bool[Array, ""], Bool[Array, ""]]:
+    r"""Whether $\hat G$ is clearly indefinite; whether it is singular: a Cholesky
     pivot below `_SINGULAR_PIVOT`, or a factorisation that breaks down but succeeds
-    with a ridge at the rounding level of the input's dtype (PSD up to rounding)."""
+    with a ridge at the rounding level of the input's dtype (PSD up to rounding); and
+    whether it is nearly singular (a pivot below `_NEAR_SINGULAR_PIVOT`)."""
     m = g_hat.shape[0]
-    threshold = _SINGULAR_PIVOT[jnp.dtype(g_hat.dtype).name]
+    name = jnp.dtype(g_hat.dtype).name
     pivots = jnp.diagonal(jnp.linalg.cholesky(g_hat)) ** 2
-    regular = jnp.all(jnp.isfinite(pivots)) & jnp.all(pivots >= threshold)
+    finite = jnp.all(jnp.isfinite(pivots))
+    regular = finite & jnp.all(pivots >= _SINGULAR_PIVOT[name])
+    near = ~finite | jnp.any(pivots < _NEAR_SINGULAR_PIVOT[name])
 
     def breaks_down_with_ridge():
         ridge = 16 * m * eps(dtype) * jnp.eye(m, dtype=g_hat.dtype)
         return ~jnp.all(jnp.isfinite(jnp.linalg.cholesky(g_hat + ridge)))
 
     indefinite = lax.cond(regular, lambda: jnp.array(False), breaks_down_with_ridge)
-    return indefinite, ~regular & ~indefinite
+    return indefinite, ~regular & ~indefinite, near
 
 
 def _closed_form(g_hat, lower):
@@ -467,22 +479,26 @@ def _finish_on_face(g_hat, unit, v):
     return v
 
 
-def _solve_canonical(solver, g_hat, unit, singular):
+def _solve_canonical(solver, g_hat, unit, singular, near_singular):
     r"""The solver on the canonical problem, or proximal-point steps around it when
     $\hat G$ is singular (the first step, from $v = 0$, is the plain solve when it
-    is not), each followed by an exact solve on the face it found."""
+    is not), each followed by an exact solve on the face it found. A plain solve that
+    fails on a nearly singular $\hat G$ (singular to rounding, but its Cholesky
+    pivots passed the test) starts over with proximal steps. Also returns whether they
+    ran."""
     k, m = unit.shape
     if m <= 2:
-        return _closed_form(g_hat, unit), RESULTS.successful
+        return _closed_form(g_hat, unit), RESULTS.successful, jnp.array(False)
     dtype = g_hat.dtype
     eye = jnp.eye(m, dtype=dtype)
     target = 1e-2 * kkt_tolerance(dtype)
-    delta = jnp.where(singular, jnp.asarray(_PROXIMAL_RIDGE, dtype), 0.0)
 
-    def proximal_step(v):
+    def proximal_step(v, singular):
         # argmin_{v >= u} 1/2 v^T G v + delta/2 |v - v_t|^2 is, with v = y + c and
         # (G + delta I) c = delta v_t, the canonical QP in y with bound u - c, whose
         # matrix is G + delta I, rescaled to a unit diagonal.
+        delta = jnp.where(singular, jnp.asarray(_PROXIMAL_RIDGE, dtype), 0.0)
+
         def shifted():
             factor = jnp.linalg.cholesky(g_hat + delta * eye)
             return jsl.cho_solve((factor, True), delta * v.T).T
@@ -493,13 +509,17 @@ def _solve_canonical(solver, g_hat, unit, singular):
         return y * scale[:, None] + shift, result
 
     def body(carry):
-        previous, last, step, residual, _ = carry
-        v, result = proximal_step(previous)
+        previous, last, step, residual, _, singular = carry
+        v, result = proximal_step(previous, singular)
+        failed = result != RESULTS.successful
+        restart = failed & ~singular & near_singular & (step == 0)
         # The first step reports its own failure; a later failed subproblem ends the
         # iteration (the KKT check judges the last accepted iterate).
-        keep = (result != RESULTS.successful) & (step > 0)
-        v = jnp.where(keep, previous, v)
+        keep = failed & (step > 0)
+        v = jnp.where(keep | restart, previous, v)
         result = RESULTS.where(keep, last, result)
+        result = RESULTS.where(restart, RESULTS.successful, result)
+        singular = singular | restart
         lanes = natural_residual(g_hat, unit, v)
 
         def finish():
@@ -507,14 +527,14 @@ def _solve_canonical(solver, g_hat, unit, singular):
             better = natural_residual(g_hat, unit, finished) < lanes
             return jnp.where(better[:, None], finished, v)
 
-        v = lax.cond(singular, finish, lambda: v)
-        new = jnp.max(natural_residual(g_hat, unit, v))
+        v = lax.cond(singular & ~restart, finish, lambda: v)
+        new = jnp.where(restart, jnp.inf, jnp.max(natural_residual(g_hat, unit, v)))
         # A step that gains less than 10% (rounding level) ends the iteration too.
         stalled = keep | ((step > 0) & (new > 0.9 * residual))
-        return v, result, step + 1, jnp.minimum(new, residual), stalled
+        return v, result, step + 1, jnp.minimum(new, residual), stalled, singular
 
     def cond(carry):
-        _, result, step, residual, stalled = carry
+        _, result, step, residual, stalled, singular = carry
         more = singular & (residual > target) & ~stalled & (step < _PROXIMAL_STEPS)
         return (step == 0) | (more & (result == RESULTS.successful))
 
@@ -524,9 +544,10 @@ def _solve_canonical(solver, g_hat, unit, singular):
         jnp.array(0),
         jnp.array(jnp.inf, dtype),
         jnp.array(False),
+        singular,
     )
-    v, result, *_ = lax.while_loop(cond, body, init)
-    return v, result
+    v, result, _, _, _, singular = lax.while_loop(cond, body, init)
+    return v, result, singular
 
 
 def _on_free_set(g, u, free):

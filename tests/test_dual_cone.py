@@ -141,8 +141,7 @@ def test_strongly_stationary_property(getkey):
             assert jnp.linalg.norm(agg(J)) > 5e-3
 
 
-# NesterovPGD needs too many steps on singular Gramians and reports it (test_solvers).
-@pytest.mark.parametrize("solver", ("bpp", "qpax"))
+@pytest.mark.parametrize("solver", SOLVERS)
 def test_reg_eps_zero_is_exactly_non_conflicting(solver, getkey):
     agg = eqxjd.UPGrad(reg_eps=0.0, solver=solver)
     for J in (low_rank(getkey(), 8, 20, 2), low_rank(getkey(), 10, 6, 3, spread=100.0)):

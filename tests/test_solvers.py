@@ -145,17 +145,7 @@ def test_kkt_on_every_kind(solver):
         assert residual <= 1e-10, (name, residual)
 
 
-_NESTEROV_SINGULAR = pytest.param(
-    "nesterov_pgd",
-    marks=pytest.mark.xfail(
-        strict=True,
-        reason="NesterovPGD as the proximal-point subproblem solver still fails on the "
-        "low-rank and duplicated-row Gramians of these tests (known defect)",
-    ),
-)
-
-
-@pytest.mark.parametrize("solver", ("bpp", "qpax", _NESTEROV_SINGULAR))
+@pytest.mark.parametrize("solver", SOLVERS)
 def test_kkt_on_every_kind_without_regularisation(solver):
     # reg_eps = 0: singular Gramians (low rank, m > n, zero), solved exactly by the
     # projector around every solver.
@@ -280,7 +270,7 @@ def test_float32(solver):
 # --- reg_eps = 0: exactly non-conflicting on rank-deficient Jacobians -----------------
 
 
-@pytest.mark.parametrize("solver", ("bpp", "qpax", _NESTEROV_SINGULAR))
+@pytest.mark.parametrize("solver", SOLVERS)
 def test_reg_eps_zero_rank_deficient_is_non_conflicting(solver):
     upgrad = eqx.filter_jit(eqxjd.UPGrad(reg_eps=0.0, solver=solver))
     kinds = _kinds(jr.key(2))

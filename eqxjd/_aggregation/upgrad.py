@@ -1,29 +1,12 @@
 from typing import ClassVar
 
 import jax.numpy as jnp
-from jaxtyping import Array, ArrayLike, Float, PRNGKeyArray
+from jaxtyping import Array, Float
 
-from .._aggregator import AbstractWeightedAggregator
-from .._checks import check_gramian
-from .._custom_types import ScalarLike
-from .._misc import as_vector, pref_weights
-from .._projector import (
-    DualConeProjector,
-    DualConeSolution,
-    projector_from,
-    SolverName,
-)
-from .._results import RESULTS
-from .._solver import AbstractQPSolver
-from .._weighting import AbstractWeighting, Reads
+from .dual_cone import AbstractDualConeAggregator, AbstractDualConeWeighting
 
 
-def no_objectives(weights: Float[Array, " 0"]) -> DualConeSolution:
-    """The solution of a weighting for m = 0: no QP to solve."""
-    return DualConeSolution(weights, RESULTS.successful, jnp.zeros((0,), weights.dtype))
-
-
-class UPGradWeighting(AbstractWeighting):
+class UPGradWeighting(AbstractDualConeWeighting):
     r"""The weighting of [`eqxjd.UPGrad`][]: $w = \sum_i \max(p_i, 0) V_i$ with
     $V_i = \operatorname{argmin}_{v \geq e_i} v^\top G' v$.
 
@@ -37,95 +20,21 @@ class UPGradWeighting(AbstractWeighting):
     [arXiv:2406.16232](https://arxiv.org/abs/2406.16232).
     """
 
-    reads: ClassVar[Reads] = "gramian"
+    # The shared constructor, declared here so that type checkers do not synthesise a
+    # dataclass one from the fields.
+    __init__ = AbstractDualConeWeighting.__init__
 
-    pref_vector: Float[Array, " m"] | None
-    projector: DualConeProjector
+    def lower_bounds(self, pref: Float[Array, " m"]) -> Float[Array, "m m"]:
+        return jnp.eye(pref.shape[0], dtype=pref.dtype)
 
-    def __init__(
-        self,
-        pref_vector: Float[ArrayLike, " m"] | None = None,
-        projector: DualConeProjector | None = None,
-        *,
-        solver: SolverName | AbstractQPSolver | None = None,
-        norm_eps: ScalarLike | None = None,
-        reg_eps: ScalarLike | None = None,
-        differentiable: bool | None = None,
-        throw: bool | None = None,
-    ):
-        self.pref_vector = as_vector(pref_vector, "pref_vector")
-        self.projector = projector_from(
-            projector,
-            solver=solver,
-            norm_eps=norm_eps,
-            reg_eps=reg_eps,
-            differentiable=differentiable,
-            throw=throw,
-        )
-
-    @property
-    def differentiable(self) -> bool:
-        return self.projector.differentiable
-
-    def __call__(
-        self, gramian: Float[Array, "m m"], /, *, key: PRNGKeyArray | None = None
+    def combine(
+        self, pref: Float[Array, " m"], solutions: Float[Array, "m m"]
     ) -> Float[Array, " m"]:
-        check_gramian(gramian)
-        m = gramian.shape[0]
-        pref = pref_weights(self.pref_vector, m, gramian.dtype)
-        if m == 0:
-            return pref
-        lanes = self.projector(gramian, jnp.eye(m, dtype=gramian.dtype))
-        return _combine(pref, lanes)
-
-    def solve(self, gramian: Float[Array, "m m"], /) -> DualConeSolution:
-        """The weights with the outcome of the solve, never raising (also with
-        `throw=False`, to see whether a solve failed).
-
-        **Arguments:**
-
-        - `gramian`: $G = J J^\\top$, an array of shape `(m, m)`.
-
-        **Returns:**
-
-        An [`eqxjd.DualConeSolution`][] whose `value` holds the weights, shape `(m,)`,
-        and whose `residual` holds the KKT residual of each of the $m$ QPs.
-        """
-        check_gramian(gramian)
-        m = gramian.shape[0]
-        pref = pref_weights(self.pref_vector, m, gramian.dtype)
-        if m == 0:
-            return no_objectives(pref)
-        solution = self.projector.solve(gramian, jnp.eye(m, dtype=gramian.dtype))
-        weights = _combine(pref, solution.value)
-        return DualConeSolution(weights, solution.result, solution.residual)
+        # Homogeneity: lane p_i e_i has solution p_i V_i for p_i >= 0, and 0 otherwise.
+        return jnp.maximum(pref, 0) @ solutions
 
 
-def _combine(
-    pref: Float[Array, " m"], lanes: Float[Array, "m m"]
-) -> Float[Array, " m"]:
-    # Homogeneity: lane p_i e_i has solution p_i V_i for p_i >= 0, and 0 otherwise.
-    return jnp.maximum(pref, 0) @ lanes
-
-
-_ARGS = """**Arguments:**
-
-- `pref_vector`: the preference vector $p$, shape `(m,)`; `None` means $1/m$ each.
-- `projector`: the [`eqxjd.DualConeProjector`][] that solves the QPs, with its solver,
-    TorchJD's `norm_eps` and `reg_eps` (default `1e-4` each), `differentiable` and
-    `throw`. `None` (default) means `DualConeProjector()`, or one built from the
-    keyword arguments below. As TorchJD's `projector=QuadprogProjector(norm_eps,
-    reg_eps)`.
-- `solver`, `norm_eps`, `reg_eps`, `differentiable`, `throw`: shortcuts (keyword
-    only) for `projector=DualConeProjector(solver=..., norm_eps=..., ...)`, e.g.
-    `solver="nesterov_pgd"` or `reg_eps=0.0`; see [`eqxjd.DualConeProjector`][] for
-    their meaning and defaults. Passing any of them together with `projector` raises a
-    `ValueError`.
-"""
-UPGradWeighting.__init__.__doc__ = _ARGS
-
-
-class UPGrad(AbstractWeightedAggregator):
+class UPGrad(AbstractDualConeAggregator):
     r"""Unconflicting Projection of Gradients.
 
     $$A(J) = \sum_i \pi_J(p_i g_i), \qquad \pi_J(x) = \operatorname{argmin}_{y : J y
@@ -155,28 +64,7 @@ class UPGrad(AbstractWeightedAggregator):
     [arXiv:2406.16232](https://arxiv.org/abs/2406.16232).
     """
 
+    weighting_type: ClassVar[type[AbstractDualConeWeighting]] = UPGradWeighting
     weighting: UPGradWeighting
 
-    def __init__(
-        self,
-        pref_vector: Float[ArrayLike, " m"] | None = None,
-        projector: DualConeProjector | None = None,
-        *,
-        solver: SolverName | AbstractQPSolver | None = None,
-        norm_eps: ScalarLike | None = None,
-        reg_eps: ScalarLike | None = None,
-        differentiable: bool | None = None,
-        throw: bool | None = None,
-    ):
-        self.weighting = UPGradWeighting(
-            pref_vector,
-            projector,
-            solver=solver,
-            norm_eps=norm_eps,
-            reg_eps=reg_eps,
-            differentiable=differentiable,
-            throw=throw,
-        )
-
-
-UPGrad.__init__.__doc__ = _ARGS
+    __init__ = AbstractDualConeAggregator.__init__
