@@ -6,19 +6,26 @@ Instance-wise risk minimisation with UPGrad (one loss per sample) on an MLP
 runs (on CPU with `--xla_force_host_platform_device_count=D`; on a GPU machine with
 the first `D` GPUs) and reports, as medians of `--reps` jitted calls after a warm-up:
 
-- `step`: the whole step (`eqx.filter_jit` of the step);
+- `step`: the whole step (`eqx.filter_jit` of the step), with the structured Gramian
+  (the default: ghost factors of the local samples gathered, each device computes its
+  rows of G);
+- `step_gradients`: the same with `method="gradients"` (per-sample Jacobians);
+- `gramian`, `gramian_gradients`: the Gramian as each method computes it in the step
+  (losses included);
 - `jacobians`: each device's per-sample Jacobians of its B / D samples;
 - `exchange`: the all-to-all that gives every device all B rows of 1 / D of the
   columns, and the psum of the (B, B) partial Gramians (on arrays of those shapes);
 - `contraction`: the (B, n / D) x (n / D, B) product of one device;
-- `gramian`: the three above as the step runs them (losses included);
 - `qp`: UPGrad's weights from G (the B lane QPs split over the devices);
 - `update`: each device's VJP of the weighted losses, summed over the devices;
 - `ring`: for comparison, a ring exchange (D `ppermute`s of a device's (B / D, n)
   per-sample Jacobians, and a (B / D, B / D) block per visit) that builds the same
   row blocks of G.
 
-`traffic` is what one device sends per step for the Gramian: all-to-all
+`traffic` is what one device sends per step for the Gramian: with the structured
+Gramian, its factors (the inputs and output cotangents of the dense layers, f floats
+per sample) to the D - 1 others, (D - 1) (B / D) f, and its (B / D, B) rows of G,
+(D - 1) (B / D) B floats; with per-sample gradients, the all-to-all
 (D - 1) / D * (B / D) * n floats plus a ring all-reduce of the (B, B) Gramian,
 2 (D - 1) / D * B^2 floats; the ring sends D * (B / D) * n floats.
 
@@ -95,25 +102,26 @@ def _worker(devices: int, batch: int, reps: int) -> dict:
     diff = jax.device_put(diff, replicated)
     layers = eqx.combine(diff, static)
 
-    strategy = eqxjd.DataParallel(mesh, "data")
     aggregator = eqxjd.UPGrad()
-    step = eqx.filter_jit(
-        eqxjd.filter_value_and_aggregate(
-            per_sample_losses, aggregator, strategy=strategy
-        )
-    )
     out = {"devices": devices, "platform": available[0].platform, "n": n}
-    out["step"] = _timed(step, layers, xs, ys, reps=reps)
+    for method, suffix in (("structured", ""), ("gradients", "_gradients")):
+        strategy = eqxjd.DataParallel(mesh, "data", method=method)
+        step = eqx.filter_jit(
+            eqxjd.filter_value_and_aggregate(
+                per_sample_losses, aggregator, strategy=strategy
+            )
+        )
+        out["step" + suffix] = _timed(step, layers, xs, ys, reps=reps)
 
     # The step's pieces, as the strategy runs them.
     problem = Problem(per_sample_losses, False, static, (xs, ys), {})
     spec = gram_spec_of(diff, True)
     layout = _layout(mesh, "data", diff)
     gramian = eqx.filter_jit(_gramian_part)
-    out["gramian"] = _timed(
-        gramian, layout, spec, problem.batched, diff, (xs, ys), reps=reps
-    )
-    _, g = gramian(layout, spec, problem.batched, diff, (xs, ys))
+    for method, suffix in (("structured", ""), ("gradients", "_gradients")):
+        args = (layout, method, spec, problem.batched, diff, (xs, ys))
+        out["gramian" + suffix] = _timed(gramian, *args, reps=reps)
+    _, g = gramian(layout, "structured", spec, problem.batched, diff, (xs, ys))
     weigh = eqx.filter_jit(_weigh)
     out["qp"] = _timed(weigh, layout, aggregator.weighting, g, None, None, reps=reps)
     weights, _ = weigh(layout, aggregator.weighting, g, None, None)
@@ -191,7 +199,9 @@ def _worker(devices: int, batch: int, reps: int) -> dict:
     floats = (devices - 1) / devices * local * n + 2 * (
         devices - 1
     ) / devices * batch**2
-    out["traffic_gb"] = floats * 4 / 1e9
+    out["traffic_gradients_gb"] = floats * 4 / 1e9
+    factors = sum(SIZES[i] + SIZES[i + 1] for i in range(3))
+    out["traffic_gb"] = (devices - 1) * local * (factors + batch) * 4 / 1e9
     out["ring_traffic_gb"] = devices * local * n * 4 / 1e9
     return out
 
@@ -217,6 +227,8 @@ def _run(devices: int, batch: int, reps: int, timeout: float) -> dict:
 _COLUMNS = (
     "step",
     "gramian",
+    "step_gradients",
+    "gramian_gradients",
     "jacobians",
     "exchange",
     "contraction",
@@ -238,7 +250,9 @@ def main():
         print(json.dumps(_worker(args.worker, args.batch, args.reps)))
         return
     results = [_run(d, args.batch, args.reps, args.timeout) for d in args.devices]
-    header = ["D"] + [f"{c} s" for c in _COLUMNS] + ["GB sent", "ring GB"]
+    names = [c.replace("_gradients", " (gradients)") for c in _COLUMNS]
+    header = ["D"] + [f"{c} s" for c in names]
+    header += ["GB sent", "GB sent (gradients)", "ring GB"]
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
     for r in results:
@@ -246,7 +260,10 @@ def main():
             print(f"| {r['devices']} | skipped: {r['skipped']} |")
             continue
         cells = [str(r["devices"])] + [f"{r[c]:.3f}" for c in _COLUMNS]
-        cells += [f"{r['traffic_gb']:.3f}", f"{r['ring_traffic_gb']:.3f}"]
+        cells += [
+            f"{r[k]:.3f}"
+            for k in ("traffic_gb", "traffic_gradients_gb", "ring_traffic_gb")
+        ]
         print("| " + " | ".join(cells) + " |")
     first = next((r for r in results if "skipped" not in r), None)
     if first is not None:
@@ -254,10 +271,12 @@ def main():
         base = first["step"]
         for r in results:
             if "skipped" not in r:
+                exchange = r["exchange"] + r["contraction"]
                 print(
                     f"D = {r['devices']}: step / step(D = {first['devices']}) = "
-                    f"{r['step'] / base:.2f}; ring / (exchange + contraction) = "
-                    f"{r['ring'] / (r['exchange'] + r['contraction']):.2f}"
+                    f"{r['step'] / base:.2f}; step_gradients / step = "
+                    f"{r['step_gradients'] / r['step']:.2f}; ring / (exchange + "
+                    f"contraction) = {r['ring'] / exchange:.2f}"
                 )
 
 

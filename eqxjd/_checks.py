@@ -184,6 +184,14 @@ def check_chunk_size(chunk_size: int | None) -> None:
         )
 
 
+def check_method(method: str) -> None:
+    """The per-sample Gramian methods of `PerSampleGramian` and `DataParallel`."""
+    if method not in ("structured", "gradients"):
+        raise ValueError(
+            f"`method` must be 'structured' or 'gradients'; got {method!r}."
+        )
+
+
 def check_losses(losses: Any, where: str) -> None:
     """What a loss function returns: a real floating JAX array."""
     if not (hasattr(losses, "shape") and hasattr(losses, "dtype")):

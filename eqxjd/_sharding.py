@@ -14,9 +14,10 @@ Two layouts of the Jacobian $J \in \mathbb{R}^{m \times n}$:
   parameters' own sharding.
 """
 
+import functools as ft
 import math
 from collections.abc import Callable
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import equinox as eqx
 import jax
@@ -28,8 +29,15 @@ from jax.sharding import AbstractMesh, AxisType, Mesh, NamedSharding, PartitionS
 from jaxtyping import Array, Float, PyTree
 
 from ._aggregation.upgrad import UPGradWeighting
-from ._checks import check_gramian, check_matrix
-from ._gramian import batch_size, flat_rows, per_sample_vector_fn, symmetrize
+from ._checks import check_gramian, check_matrix, check_method
+from ._gramian import (
+    batch_size,
+    exchanged_gramian,
+    flat_rows,
+    per_sample_vector_fn,
+    structured_value_and_gramian,
+    symmetrize,
+)
 from ._misc import pref_weights
 from ._results import RESULTS
 from ._step import AbstractStrategy, Linearized, weigh
@@ -314,8 +322,9 @@ class _Layout(eqx.Module):
         )
 
 
-def _local_losses(batched_f, d, local_batch, local_size):
+def _local_losses(batched_f, d, *local_batch):
     losses, _ = batched_f(d, *local_batch)
+    local_size = batch_size(local_batch)
     if losses.ndim not in (1, 2) or losses.shape[0] != local_size:
         raise ValueError(
             "With `DataParallel`, the losses of a batch must have shape (B,) or "
@@ -327,27 +336,25 @@ def _local_losses(batched_f, d, local_batch, local_size):
 # Each piece of the step is jitted on its own (inlined under an outer `jit`): an
 # eager step then reuses their compilations instead of re-tracing its `shard_map`s.
 @eqx.filter_jit
-def _gramian_part(layout, gram_spec, batched_f, diff, batch):
-    local_size = batch_size(batch) // layout.size
-
+def _gramian_part(layout, method, gram_spec, batched_f, diff, batch):
     def body(diff, *local_batch):
         full = layout.gather(diff)
-        losses = _local_losses(batched_f, full, local_batch, local_size)
+        losses_of = ft.partial(_local_losses, batched_f)
+        if method == "structured":
+            nothing = jtu.tree_map(lambda _: None, full)
+            losses, g, _ = structured_value_and_gramian(
+                losses_of, full, nothing, gram_spec, local_batch, axis_name=layout.axes
+            )
+            return losses, g
+        losses = losses_of(full, *local_batch)
         gram, rest = eqx.partition(lax.stop_gradient(full), gram_spec)
         vec = per_sample_vector_fn(lambda g, *b: batched_f(eqx.combine(g, rest), *b)[0])
         in_axes = (None,) + (0,) * len(local_batch)
         jac = jax.vmap(jax.jacrev(vec), in_axes=in_axes)(gram, *local_batch)
-        rows = local_size * (1 if losses.ndim == 1 else losses.shape[1])
-        dtype = losses.dtype
-        cols = jnp.concatenate([r.astype(dtype) for r in flat_rows(jac, rows)], axis=1)
-        cols = jnp.pad(cols, ((0, 0), (0, -cols.shape[1] % layout.size)))
-        # One redistribution: every device gets all B rows of 1/D of the columns.
-        mine = lax.all_to_all(
-            cols, layout.axes, split_axis=1, concat_axis=0, tiled=True
+        rows = losses.size
+        return losses, exchanged_gramian(
+            flat_rows(jac, rows), layout.axes, losses.dtype
         )
-        # One reduction of the (B, B) partial Gramians.
-        part = jnp.matmul(mine, mine.T, precision=_HIGHEST)
-        return losses, lax.psum(part, layout.axes)
 
     in_specs = (layout.param_specs(diff),) + (layout.rows,) * len(batch)
     losses, g = layout.map(body, in_specs, (layout.rows, P()))(diff, *batch)
@@ -356,15 +363,9 @@ def _gramian_part(layout, gram_spec, batched_f, diff, batch):
 
 @eqx.filter_jit
 def _update_part(layout, batched_f, diff, cotangent, batch):
-    local_size = batch_size(batch) // layout.size
-
     def body(diff, cotangent, *local_batch):
         full = layout.gather(diff)
-
-        def losses_of(d):
-            return _local_losses(batched_f, d, local_batch, local_size)
-
-        _, vjp = jax.vjp(losses_of, full)
+        _, vjp = jax.vjp(lambda d: _local_losses(batched_f, d, *local_batch), full)
         (grads,) = vjp(cotangent)
         return layout.reduce(grads)
 
@@ -430,11 +431,22 @@ class DataParallel(AbstractStrategy):
     (data-parallel instance-wise Jacobian descent), on one process or many.
 
     The positional arguments of the step are split along `axis_name`; every device
-    computes the per-sample Jacobians of `B / D` samples (`D` devices in the whole
-    mesh: other mesh axes, e.g. a `"model"` axis, split each share further).
-    One `all_to_all` gives each device all `B` rows of `1 / D` of the Jacobian's
-    columns, and one `psum` of the `(B, B)` partial Gramians gives $G$ on every
-    device. The weights are computed on every device from the replicated $G$; with
+    holds `B / D` samples (`D` devices in the whole mesh: other mesh axes, e.g. a
+    `"model"` axis, split each share further). The Gramian comes from one of
+    [`eqxjd.PerSampleGramian`][]'s two methods:
+
+    - `method="structured"` (default): each device runs the forward and backward
+      pass of its samples and keeps the structured Gramian's factors (the inputs and
+      output cotangents of the layers that consume parameters). One `all_gather` of
+      those factors, a few activations per sample, lets each device compute its
+      `(B / D, B)` rows of $G$, and one more gathers the rows. Parameters whose
+      per-sample gradients are formed instead go through the exchange below.
+    - `method="gradients"`: each device computes the per-sample Jacobians of its
+      samples; one `all_to_all` gives each device all `B` rows of `1 / D` of the
+      Jacobian's columns, and one `psum` of the `(B, B)` partial Gramians gives $G$
+      on every device.
+
+    The weights are computed on every device from the replicated $G$; with
     [`eqxjd.UPGrad`][], the `B` lane QPs are split over the devices instead and one
     `psum` adds up their contributions. The update is each device's VJP of
     $\sum_{i \in d} w_i \ell_i$ (one more forward pass), summed over the devices.
@@ -457,12 +469,16 @@ class DataParallel(AbstractStrategy):
 
     mesh: Mesh | None = eqx.field(default=None, static=True)
     axis_name: str | tuple[str, ...] = eqx.field(default="data", static=True)
+    method: Literal["structured", "gradients"] = eqx.field(
+        default="structured", static=True
+    )
 
     # The losses' auxiliary output would need one more forward pass of the batch.
     returns_aux: ClassVar[bool] = False
 
     def __check_init__(self):
         _as_axes(self.axis_name)
+        check_method(self.method)
         if self.mesh is not None:
             check_mesh_axis(self.mesh, self.axis_name)
 
@@ -477,7 +493,9 @@ class DataParallel(AbstractStrategy):
             )
         diff = _place_params(diff, layout)
         batch = tuple(_place(b, layout.mesh, layout.rows) for b in batch)
-        losses, g = _gramian_part(layout, gram_spec, batched_f, diff, batch)
+        losses, g = _gramian_part(
+            layout, self.method, gram_spec, batched_f, diff, batch
+        )
 
         def vjp(cotangent):
             return _update_part(layout, batched_f, diff, cotangent, batch)
@@ -513,4 +531,5 @@ DataParallel.__init__.__doc__ = """**Arguments:**
 - `axis_name`: the mesh axis, or tuple of axes, that the batch is split over
     (default `"data"`). The batch size must be divisible by the number of devices of
     the whole mesh.
+- `method`: `"structured"` (default) or `"gradients"`, see above.
 """

@@ -15,7 +15,7 @@ import jax.tree_util as jtu
 from jaxtyping import Array, PRNGKeyArray, PyTree
 
 from ._aggregator import call_weighting
-from ._checks import check_chunk_size
+from ._checks import check_chunk_size, check_method
 from ._custom_types import State
 from ._gramian import (
     batch_size,
@@ -249,10 +249,7 @@ class PerSampleGramian(AbstractStrategy):
 
     def __check_init__(self):
         check_chunk_size(self.chunk_size)
-        if self.method not in ("structured", "gradients"):
-            raise ValueError(
-                f"`method` must be 'structured' or 'gradients'; got {self.method!r}."
-            )
+        check_method(self.method)
 
     def linearize(self, f, diff, gram_spec, batch, batched_f) -> Linearized:
         size = batch_size(batch)

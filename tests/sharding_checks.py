@@ -120,17 +120,21 @@ def main() -> dict[str, float]:
     data_parallel = eqxjd.DataParallel(mesh, "data")
     # UPGrad's lane QPs are split over the devices (32 lanes here, 16 on the 2-D mesh
     # below); partial Jacobian descent does not depend on the weighting.
+    # The structured Gramian (default) and per-sample gradients (`method`).
+    gradients = eqxjd.DataParallel(mesh, "data", method="gradients")
     cases = [
-        ("iwrm", _sample_losses, "softmin", True),
-        ("iwmtl", _task_losses, "softmin", True),
-        ("iwmtl", _task_losses, "upgrad", True),
-        ("iwrm_partial", _sample_losses, "softmin", spec),
+        ("iwrm", _sample_losses, "softmin", True, data_parallel),
+        ("iwrm_gradients", _sample_losses, "softmin", True, gradients),
+        ("iwmtl", _task_losses, "softmin", True, data_parallel),
+        ("iwmtl", _task_losses, "upgrad", True, data_parallel),
+        ("iwmtl_gradients", _task_losses, "upgrad", True, gradients),
+        ("iwrm_partial", _sample_losses, "softmin", spec, data_parallel),
     ]
-    for tag, loss, name, filt in cases:
+    for tag, loss, name, filt, strategy in cases:
         aggregator = aggregators[name]
-        per_sample = eqxjd.PerSampleGramian()
+        per_sample = eqxjd.PerSampleGramian(method="gradients")
         single = _step(loss, aggregator, per_sample, filt)(model, xs, ys)
-        multi = _step(loss, aggregator, data_parallel, filt)(model, xs, ys)
+        multi = _step(loss, aggregator, strategy, filt)(model, xs, ys)
         results[f"data_parallel/{tag}/{name}"] = _rel(multi, single)
         _log(f"{tag}/{name}")
     # Inputs already placed on the mesh stay sharded.
@@ -151,6 +155,9 @@ def main() -> dict[str, float]:
 
     results["data_parallel/gramian"] = _rel(
         gramian_of(data_parallel), gramian_of(eqxjd.PerSampleGramian())
+    )
+    results["data_parallel/gramian_gradients"] = _rel(
+        gramian_of(gradients), gramian_of(eqxjd.PerSampleGramian())
     )
     _log("data_parallel/gramian")
 

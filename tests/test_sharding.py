@@ -54,9 +54,12 @@ def results() -> dict[str, float]:
 def test_every_check_ran(results):
     expected_prefixes = (
         "data_parallel/iwrm/",
+        "data_parallel/iwrm_gradients/",
+        "data_parallel/iwmtl_gradients/",
         "data_parallel/iwmtl/",
         "data_parallel/iwrm_partial/",
         "data_parallel/gramian",
+        "data_parallel/gramian_gradients",
         "data_parallel/gradvac_steps",
         "data_parallel/ambient_mesh",
         "data_parallel/eager",

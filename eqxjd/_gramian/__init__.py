@@ -1,6 +1,7 @@
 from .common import (
     batch_size as batch_size,
     block as block,
+    exchanged_gramian as exchanged_gramian,
     FilterSpec as FilterSpec,
     flat_rows as flat_rows,
     split_params as split_params,

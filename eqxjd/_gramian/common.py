@@ -66,6 +66,21 @@ def block(left: list[Array], right: list[Array], dtype) -> Array:
     return out
 
 
+def exchanged_gramian(rows: list[Array], axes: tuple[str, ...], dtype) -> Array:
+    r"""$J J^\top$ of the rows of $J$ split by samples over the devices of `axes`
+    (inside `shard_map`; each device holds `(b, n_l)` rows of every leaf, `b = B / D`).
+
+    One `all_to_all` gives each device all $B$ rows of $1/D$ of the columns, and one
+    `psum` adds up the $(B, B)$ partial Gramians: each device sends and receives
+    $(D - 1)/D$ of its rows once, against $D - 1$ times with a ring of blocks.
+    """
+    devices = lax.axis_size(axes)
+    cols = jnp.concatenate([r.astype(dtype) for r in rows], axis=1)
+    cols = jnp.pad(cols, ((0, 0), (0, -cols.shape[1] % devices)))
+    mine = lax.all_to_all(cols, axes, split_axis=1, concat_axis=0, tiled=True)
+    return lax.psum(jnp.matmul(mine, mine.T, precision=_HIGHEST), axes)
+
+
 def symmetrize(g: Array) -> Array:
     # Exactly symmetric (a A^T computed by XLA need not be bit-for-bit symmetric).
     return (g + g.T) / jnp.asarray(2, g.dtype)

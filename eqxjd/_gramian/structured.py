@@ -36,7 +36,7 @@ from jax.extend.core import primitives as prims
 from jaxtyping import Array, Float, PyTree
 
 from .._checks import check_chunk_size, check_floating, check_losses
-from .common import batch_size, symmetrize
+from .common import batch_size, exchanged_gramian, flat_rows, symmetrize
 from .ghost import Ghost, ghost_block, ghost_of, gram, use_cost
 from .per_sample import chunk_starts, per_sample_gramian, per_sample_vector_fn
 from .taps import analyse, bind, over_levels, Plan, run, Tap
@@ -53,6 +53,7 @@ def structured_value_and_gramian(
     batch: tuple[Any, ...],
     *,
     chunk_size: int | None = None,
+    axis_name: tuple[str, ...] | None = None,
 ) -> tuple[Float[Array, "B ..."], Float[Array, "m m"], Callable[[Array], PyTree]]:
     r"""Per-sample losses, their Gramian and a VJP, from one forward pass.
 
@@ -128,6 +129,14 @@ def structured_value_and_gramian(
     - `batch`: a tuple of pytrees of arrays with a common leading axis `B`.
     - `chunk_size`: samples per chunk of per-sample quantities (blocks of the
         Gramian), or `None` for all at once. (Keyword only argument.)
+    - `axis_name`: inside `shard_map`, the mesh axes that the batch is split over
+        (each device holds `B / D` samples, in the order of the axes). The Gramian
+        is then the global `(B T, B T)` one, on every device: the ghost factors of
+        the local samples are gathered (`all_gather`, a few activations and
+        cotangents per sample) and each device computes its rows of $G$; the
+        per-sample gradients that are formed go through one `all_to_all` of their
+        columns and one `psum`. `chunk_size` must be `None`; the losses and `vjp`
+        stay local. (Keyword only argument.)
 
     **Returns:**
 
@@ -139,6 +148,8 @@ def structured_value_and_gramian(
     `jax.vjp`, call it under the same transformation (e.g. inside the same `jax.jit`).
     """
     check_chunk_size(chunk_size)
+    if axis_name is not None and chunk_size is not None:
+        raise ValueError("`chunk_size` is not supported with `axis_name`.")
     if not isinstance(batch, tuple):
         raise ValueError(
             f"`batch` must be a tuple of batched pytrees; got {type(batch).__name__}."
@@ -201,22 +212,20 @@ def structured_value_and_gramian(
         return jtu.tree_unflatten(diff_def, out)
 
     chunks = 1 if chunk_size is None else -(-size // min(chunk_size, size))
-    terms = _terms(plan, selected, leaves, size, tasks, chunks)
+    # With `axis_name`, every device weighs the terms' costs for the whole batch.
+    total = size if axis_name is None else size * lax.axis_size(axis_name)
+    terms = _terms(plan, selected, leaves, total, tasks, chunks)
+    chosen = [i for i in fallback if selected[i]]
+    fallback_args = (loss_fn, leaves, diff_def, static, chosen, batch)
+    if axis_name is not None:
+        g = _exchanged(plan, terms, leaves, acts, deltas, size, tasks, dtype, axis_name)
+        if chosen:
+            rows = _fallback_rows(*fallback_args, tasks)
+            g = g + exchanged_gramian(rows, axis_name, dtype)
+        return losses, symmetrize(g), vjp
     g = _assemble(plan, terms, leaves, acts, deltas, size, tasks, dtype, chunk_size)
-    if any(selected[i] for i in fallback):
-        chosen = [i for i in fallback if selected[i]]
-        g = g + _fallback_gramian(
-            loss_fn,
-            leaves,
-            diff_def,
-            static,
-            chosen,
-            batch,
-            size,
-            tasks,
-            dtype,
-            chunk_size,
-        )
+    if chosen:
+        g = g + _fallback_gramian(*fallback_args, size, tasks, dtype, chunk_size)
     return losses, symmetrize(g), vjp
 
 
@@ -664,34 +673,16 @@ def _assemble(
     chunk_size: int | None,
 ) -> Array:
     ghosts = [t for t in terms if isinstance(t, _GhostGroup)]
-    rows = [t for t in terms if isinstance(t, _Rows)]
 
     def factors(start, c: int):
-        if c == size:
-            acts_c, deltas_c = acts, deltas
-        else:
-            take = lambda x: lax.dynamic_slice_in_dim(x, start, c)
-            acts_c = {
-                path: tuple(
-                    x if axis is None else take(x)
-                    for x, axis in zip(values, plan.taps[path].capture_axes())
-                )
-                for path, values in acts.items()
-            }
-            deltas_c = jtu.tree_map(take, deltas)
-        ghost = [_group_factors(t, leaves, acts_c, deltas_c, dtype) for t in ghosts]
-        mat = [_leaf_rows(t, leaves, acts_c, deltas_c, c * tasks) for t in rows]
-        return ghost, [m.astype(dtype) for m in mat]
+        return _factors(plan, terms, leaves, acts, deltas, size, tasks, dtype, start, c)
 
     def block(x, y) -> Array:
         (gx, mx), (gy, my) = x, y
-        parts = [
-            (ft.partial(ghost_block, t.index, t.ones, dtype=dtype), fx, fy)
-            for t, fx, fy in zip(ghosts, gx, gy)
-        ]
+        parts = _ghost_parts(ghosts, gx, gy, dtype)
         # One product per leaf: concatenating the leaves first would copy them.
-        parts += [(_gram_rows, a, b) for a, b in zip(mx, my)]
-        return ft.reduce(jnp.add, [fn(fx, fy) for fn, fx, fy in parts])
+        parts += [_gram_rows(a, b) for a, b in zip(mx, my)]
+        return ft.reduce(jnp.add, parts)
 
     if not terms:
         return jnp.zeros((size * tasks,) * 2, dtype)
@@ -718,15 +709,71 @@ def _assemble(
     return lax.fori_loop(0, k, outer, jnp.zeros((size * tasks,) * 2, dtype))
 
 
+def _factors(
+    plan, terms, leaves, acts, deltas, size, tasks, dtype, start, c: int
+) -> tuple:
+    """The terms' factors for samples `[start, start + c)` of `size`: ghost factors
+    per ghost group, per-sample gradient rows `(c T, numel)` per formed leaf."""
+    if c == size:
+        acts_c, deltas_c = acts, deltas
+    else:
+        take = lambda x: lax.dynamic_slice_in_dim(x, start, c)
+        acts_c = {
+            path: tuple(
+                x if axis is None else take(x)
+                for x, axis in zip(values, plan.taps[path].capture_axes())
+            )
+            for path, values in acts.items()
+        }
+        deltas_c = jtu.tree_map(take, deltas)
+    ghost = [
+        _group_factors(t, leaves, acts_c, deltas_c, dtype)
+        for t in terms
+        if isinstance(t, _GhostGroup)
+    ]
+    rows = [
+        _leaf_rows(t, leaves, acts_c, deltas_c, c * tasks).astype(dtype)
+        for t in terms
+        if isinstance(t, _Rows)
+    ]
+    return ghost, rows
+
+
+def _ghost_parts(ghosts: list, left: list, right: list, dtype) -> list[Array]:
+    return [
+        ghost_block(t.index, t.ones, fx, fy, dtype=dtype)
+        for t, fx, fy in zip(ghosts, left, right)
+    ]
+
+
+def _exchanged(plan, terms, leaves, acts, deltas, size, tasks, dtype, axes) -> Array:
+    """The global Gramian of the terms, inside `shard_map` over `axes`: each device
+    computes its rows of the ghost terms against the gathered factors of all samples
+    (one `all_gather` of the factors, one of the rows), and the formed per-sample
+    gradients go through `exchanged_gramian`."""
+    total = size * lax.axis_size(axes) * tasks
+    ghosts = [t for t in terms if isinstance(t, _GhostGroup)]
+    g = jnp.zeros((total, total), dtype)
+    if not terms:
+        return g
+    mine, rows = _factors(
+        plan, terms, leaves, acts, deltas, size, tasks, dtype, 0, size
+    )
+    if ghosts:
+        every = jtu.tree_map(lambda x: lax.all_gather(x, axes, tiled=True), mine)
+        part = ft.reduce(jnp.add, _ghost_parts(ghosts, mine, every, dtype))
+        g = lax.all_gather(part, axes, tiled=True)
+    if rows:
+        g = g + exchanged_gramian(rows, axes, dtype)
+    return g
+
+
 def _gram_rows(a: Array, b: Array) -> Array:
     return gram(a) if a is b else jnp.matmul(a, b.T, precision=_HIGHEST)
 
 
-def _fallback_gramian(
-    loss_fn, leaves, diff_def, static, fallback, batch, size, tasks, dtype, chunk_size
-) -> Array:
-    """The Gramian of the leaves that could not be tapped, from per-sample Jacobians
-    of those leaves only."""
+def _fallback_fn(loss_fn, leaves, diff_def, static, fallback) -> tuple:
+    """The per-sample loss of the leaves that could not be tapped, and those leaves."""
     chosen = set(fallback)
     own = [x if i in chosen else None for i, x in enumerate(leaves)]
     rest = [None if i in chosen else x for i, x in enumerate(leaves)]
@@ -736,5 +783,23 @@ def _fallback_gramian(
     def own_loss(own, *batch):
         return loss_fn(eqx.combine(own, rest_tree, static), *batch)
 
-    vec = per_sample_vector_fn(own_loss)
-    return per_sample_gramian(vec, own_tree, batch, size, tasks, dtype, chunk_size)
+    return per_sample_vector_fn(own_loss), own_tree
+
+
+def _fallback_gramian(
+    loss_fn, leaves, diff_def, static, fallback, batch, size, tasks, dtype, chunk_size
+) -> Array:
+    """The Gramian of the leaves that could not be tapped, from per-sample Jacobians
+    of those leaves only."""
+    vec, own = _fallback_fn(loss_fn, leaves, diff_def, static, fallback)
+    return per_sample_gramian(vec, own, batch, size, tasks, dtype, chunk_size)
+
+
+def _fallback_rows(
+    loss_fn, leaves, diff_def, static, fallback, batch, tasks
+) -> list[Array]:
+    """The per-sample Jacobian rows of the leaves that could not be tapped."""
+    vec, own = _fallback_fn(loss_fn, leaves, diff_def, static, fallback)
+    in_axes = (None,) + (0,) * len(batch)
+    jac = jax.vmap(jax.jacrev(vec), in_axes=in_axes)(own, *batch)
+    return flat_rows(jac, batch_size(batch) * tasks)
